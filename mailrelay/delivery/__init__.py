@@ -1,0 +1,1 @@
+"""mailrelay.delivery"""
