@@ -27,16 +27,16 @@ class ISMTPDelegate(Interface):
     exception is logged and answered with ``451 4.3.0``.
     """
 
-    def connection_made(session):  # type: ignore[no-untyped-def]
+    def connection_made(session):
         """
         A client connected (``session`` is a ``SessionInfo``).  Raise
         ``SMTPReplyError(close=True)`` to refuse it (``421`` connection limits).
         """
 
-    def connection_lost(session):  # type: ignore[no-untyped-def]
+    def connection_lost(session):
         """The connection ended, whatever the reason."""
 
-    def authenticate(session, mechanism, username, password):  # type: ignore[no-untyped-def]
+    def authenticate(session, mechanism, username, password):
         """
         Check credentials given with AUTH ``mechanism`` (``"PLAIN"`` or
         ``"LOGIN"``); ``username`` and ``password`` are ``str``.
@@ -47,16 +47,16 @@ class ISMTPDelegate(Interface):
         after too many failures).
         """
 
-    def validate_from(session, address, params):  # type: ignore[no-untyped-def]
+    def validate_from(session, address, params):
         """``MAIL FROM:<address>`` with ``MailParams``; returns None."""
 
-    def validate_to(session, envelope, address):  # type: ignore[no-untyped-def]
+    def validate_to(session, envelope, address):
         """
         ``RCPT TO:<address>`` within ``envelope`` (the recipients accepted
         so far); returns None.
         """
 
-    def open_message(session, envelope):  # type: ignore[no-untyped-def]
+    def open_message(session, envelope):
         """
         ``DATA`` was accepted for ``envelope``: return an
         ``IMessageReceiver`` that takes the message as it arrives.  Raise
@@ -70,17 +70,17 @@ class IMessageReceiver(Interface):
     dot-stuffing and the final ``.`` line; lines end in CRLF as received.
     """
 
-    def write(data):  # type: ignore[no-untyped-def]
+    def write(data):
         """Some more bytes of the message (any chunking)."""
 
-    def finish():  # type: ignore[no-untyped-def]
+    def finish():
         """
         The whole message has arrived.  Returns a Deferred that fires with
         the final ``Reply`` (``250 2.0.0 Ok: queued as ...``) only once the
         message is durable, or fails with ``SMTPReplyError``.
         """
 
-    def abort():  # type: ignore[no-untyped-def]
+    def abort():
         """The message will not be committed (too big, bad lines, lost connection)."""
 
 
@@ -95,10 +95,10 @@ class ISpoolWriter(Interface):
     queue_id = Attribute("The queue id (str) the message will have once committed.")
     size = Attribute("Bytes written so far.")
 
-    def write(data):  # type: ignore[no-untyped-def]
+    def write(data):
         """Append message bytes.  Never blocks the reactor for long."""
 
-    def commit():  # type: ignore[no-untyped-def]
+    def commit():
         """
         Make the message durable and visible in the queue.  The Deferred
         fires with the queue id only after the data, the envelope and the
@@ -106,7 +106,7 @@ class ISpoolWriter(Interface):
         nothing visible.
         """
 
-    def abort():  # type: ignore[no-untyped-def]
+    def abort():
         """Throw the message away; nothing of it stays visible."""
 
 
@@ -116,7 +116,7 @@ class ISpool(Interface):
     restart never delivers a recipient twice nor loses one.
     """
 
-    def open_message(envelope, recipients):  # type: ignore[no-untyped-def]
+    def open_message(envelope, recipients):
         """
         Start a message.  ``envelope`` is a JSON-serialisable dict (account,
         principal, client, mail_from, params, processing attributes);
@@ -132,13 +132,13 @@ class ISpool(Interface):
 class ICredentialStore(Interface):
     """Reads what the AUTH checkers need; every method returns a Deferred."""
 
-    def account_login(name):  # type: ignore[no-untyped-def]
+    def account_login(name):
         """
         The account (or ``parent\\child`` sub-account) called ``name``:
         a ``mailrelay.storage.model.LoginRecord`` or None.
         """
 
-    def token_login(kind, secret_hash):  # type: ignore[no-untyped-def]
+    def token_login(kind, secret_hash):
         """
         The credential of ``kind`` (``"smtp_user"``, ``"api_token"`` or
         ``"api_key"``) whose stored SHA-256 hex digest is ``secret_hash``:
@@ -154,5 +154,5 @@ class ICredentialStore(Interface):
 class IEventSink(Interface):
     """Where every stage reports what happened; never blocks its caller."""
 
-    def emit(event):  # type: ignore[no-untyped-def]
+    def emit(event):
         """Record ``event`` (a ``mailrelay.events.model.Event``)."""
