@@ -210,9 +210,12 @@ def _section(source: str, doc: Mapping[str, Any], name: str) -> _Reader:
 
 
 def _host_port(source: str, key: str, value: str, default_port: int) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        host, port = value, str(default_port)
+    if value.count(":") > 1 and not value.startswith("["):
+        host, port = value, str(default_port)  # a bare IPv6 address
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            host, port = value, str(default_port)
     host = host.strip("[]")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(source, key, f"expected host or host:port, got {value!r}")
