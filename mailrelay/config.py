@@ -72,7 +72,7 @@ class DNSConfig:
 
 @attrs.frozen
 class SMTPConfig:
-    max_message_size: int = 26214400
+    max_message_size: int = 31457280
     max_recipients: int = 1000
     command_timeout: float = 300.0
     data_block_timeout: float = 180.0

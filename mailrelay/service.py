@@ -158,9 +158,98 @@ def makeService(config: Config, reactor: Any) -> RelayService:
     store = Store(pool, reactor)
     relay = RelayService(config, reactor, pool, store)
 
+    if config.listeners.smtp or config.listeners.submission or config.listeners.submissions:
+        _add_smtp(relay)
+
     from mailrelay.web.site import make_site
 
     for description in config.listeners.http:
         relay.add_listener("http", description, make_site(relay))
     return relay
+
+
+def _tls_context(config: Config) -> Any:
+    from mailrelay.smtp.tls import ReloadingContextFactory, TLSConfigError, ensure_self_signed
+
+    try:
+        if config.tls.self_signed:
+            if ensure_self_signed(config.tls.certificate, config.tls.private_key, config.server.hostname):
+                log.info("generated a self-signed certificate for {host} in {path}", host=config.server.hostname,
+                         path=str(config.tls.certificate))
+        return ReloadingContextFactory(config.tls.certificate, config.tls.private_key)
+    except TLSConfigError as e:
+        raise StartupError(str(e))
+
+
+def _add_smtp(relay: RelayService) -> None:
+    """The SMTP listeners and everything the accept path needs: spool, policy, AUTH."""
+    from twisted.python.threadpool import ThreadPool
+
+    from mailrelay.events.writer import BatchWriter
+    from mailrelay.policy.directory import SenderDirectory
+    from mailrelay.policy.quota import QuotaTracker
+    from mailrelay.smtp.auth import Authenticator
+    from mailrelay.smtp.protocol import ServerSettings, SMTPServerFactory
+    from mailrelay.smtp.session import MESSAGE_COLUMNS, QUEUE_FULL, Submission
+    from mailrelay.smtp.tls import implicit_tls_factory
+    from mailrelay.spool import Spool, SpoolError
+
+    config, reactor, store = relay.config, relay.reactor, relay.store
+    tls = _tls_context(config)
+    threads = ThreadPool(minthreads=2, maxthreads=4, name="mailrelay-io")
+    try:
+        spool = Spool(str(config.server.data_dir / "spool"), reactor, threads, reactor)
+    except SpoolError as e:
+        raise StartupError(str(e))
+    authenticator = Authenticator(store.credentials, config.smtp, reactor, reactor, threads)
+    quota = QuotaTracker(store.counters, reactor)
+    messages = BatchWriter(store.pool, reactor, "messages", MESSAGE_COLUMNS,
+                           conflict="ON CONFLICT (queue_id) DO NOTHING")
+
+    disk = {"checked": -1.0, "free": 1.0}
+
+    def backpressure() -> Any:
+        now = reactor.seconds()
+        if now - disk["checked"] > 1.0:
+            disk["checked"], disk["free"] = now, spool.disk_free_fraction()
+        if disk["free"] < 0.05 or spool.stats().messages >= config.delivery.queue_high_water:
+            return QUEUE_FULL
+        return None
+
+    submission = Submission(config=config, clock=reactor, authenticator=authenticator,
+                            directory=SenderDirectory(store, reactor), quota=quota, spool=spool,
+                            messages=messages, backpressure=backpressure, node=config.server.hostname)
+    relay.submission = submission  # type: ignore[attr-defined]
+    relay.spool = spool  # type: ignore[attr-defined]
+
+    async def start() -> None:
+        threads.start()
+        recovered = await spool.recover()
+        log.info("spool: {n} message(s) recovered", n=len(recovered))
+
+    async def stop() -> None:
+        await quota.stop()
+        await messages.stop()
+        await spool.close()
+        threads.stop()
+
+    relay.startup_steps.append(start)
+    relay.shutdown_steps.append(stop)
+
+    s = config.smtp
+    for mode in ("smtp", "submission", "submissions"):
+        settings = ServerSettings(
+            hostname=config.server.hostname, listener=mode, max_message_size=s.max_message_size,
+            max_recipients=s.max_recipients, require_auth=mode != "smtp",
+            allow_plaintext_auth=config.tls.allow_plaintext_auth, implicit_tls=mode == "submissions",
+            command_timeout=s.command_timeout, data_block_timeout=s.data_block_timeout,
+            data_end_timeout=s.data_end_timeout, max_errors=s.max_errors, max_connections=s.max_connections,
+            max_connections_per_ip=s.max_connections_per_ip,
+        )
+        for description in getattr(config.listeners, mode):
+            if mode == "submissions":
+                factory: Any = implicit_tls_factory(SMTPServerFactory(settings, submission.delegate, reactor), tls)
+            else:
+                factory = SMTPServerFactory(settings, submission.delegate, reactor, tls_context_factory=tls)
+            relay.add_listener(mode, description, factory)
 

@@ -46,8 +46,10 @@ class CLITestsMixin:
     async def test_accounts(self) -> None:
         """account create/list/show/suspend/approve/set work and report errors as JSON with status 1."""
         created = await self.cli("account", "create", "shop", "--daily-quota", "100", stdin="longpassword\n")
-        self.assertEqual((created["name"], created["daily_quota"], created["approved"]),  # type: ignore[attr-defined]
-                         ("shop", 100, True))
+        self.assertEqual(
+            (created["name"], created["daily_quota"], created["approved"]),  # type: ignore[attr-defined]
+            ("shop", 100, True),
+        )
         self.assertNotIn("password_hash", created)  # type: ignore[attr-defined]
         sub = await self.cli("account", "create", "billing", "--parent", "shop", "--no-password")
         self.assertEqual(sub["parent_name"], "shop")  # type: ignore[attr-defined]
@@ -59,10 +61,13 @@ class CLITestsMixin:
         self.assertFalse(unapproved["approved"])  # type: ignore[attr-defined]
         approved = await self.cli("account", "approve", "new")
         self.assertTrue(approved["approved"])  # type: ignore[attr-defined]
-        changed = await self.cli("account", "set", "shop", "--daily-quota", "none", "--footer-text", "Bye",
-                                 "--open-tracking", "on")
-        self.assertEqual((changed["daily_quota"], changed["footer_text"], changed["open_tracking"]),  # type: ignore[attr-defined]
-                         (None, "Bye", True))
+        changed = await self.cli(
+            "account", "set", "shop", "--daily-quota", "none", "--footer-text", "Bye", "--open-tracking", "on"
+        )
+        self.assertEqual(
+            (changed["daily_quota"], changed["footer_text"], changed["open_tracking"]),  # type: ignore[attr-defined]
+            (None, "Bye", True),
+        )
         error = await self.cli("account", "show", "nobody", code=1)
         self.assertEqual(error, {"error": "no account called 'nobody'"})  # type: ignore[attr-defined]
         error = await self.cli("account", "create", "short", stdin="abc\n", code=1)

@@ -33,7 +33,7 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(config.tls.certificate, Path("/srv/mailrelay-data/tls/cert.pem"))
         self.assertTrue(config.tls.self_signed)
         self.assertFalse(config.tls.allow_plaintext_auth)
-        self.assertEqual(config.smtp.max_message_size, 26214400)
+        self.assertEqual(config.smtp.max_message_size, 31457280)
         self.assertEqual(config.smtp.injection_user, "smtp_injection")
 
     def test_full_file(self) -> None:

@@ -35,8 +35,9 @@ class StorageTestsMixin:
         url = fresh_database_url(self, self.engine)  # type: ignore[arg-type]
         store = await open_store(url, __import__("twisted.internet.reactor").internet.reactor)
         newer = migrations.latest_version() + 1
-        await store.pool.execute("t", "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                                 (newer, "future", 0.0))
+        await store.pool.execute(
+            "t", "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)", (newer, "future", 0.0)
+        )
         await store.close()
         from twisted.internet import reactor
 
@@ -85,8 +86,10 @@ class StorageTestsMixin:
             await store.domains.add(account.id, "mail.example.com", "mr1", "PEM")
         with self.assertRaises(StorageError):  # type: ignore[attr-defined]
             await store.domains.add(account.id, "not a domain", "mr1", "PEM")
-        self.assertEqual([d.domain for d in await store.domains.list(account.id)],  # type: ignore[attr-defined]
-                         ["mail.example.com"])
+        self.assertEqual(
+            [d.domain for d in await store.domains.list(account.id)],  # type: ignore[attr-defined]
+            ["mail.example.com"],
+        )
 
     async def test_credentials(self) -> None:
         """Generated credentials are found by their SHA-256 only, with scopes, until revoked."""
@@ -100,8 +103,9 @@ class StorageTestsMixin:
         assert record is not None
         self.assertEqual((record.account_id, record.scopes), (account.id, frozenset({"smtp:send"})))  # type: ignore[attr-defined]
         self.assertIsNone(await store.credentials.token_login("api_token", secrets.secret_hash(secret)))  # type: ignore[attr-defined]
-        user = await store.credentials.create(account.id, "smtp_user", secrets.secret_hash("pw2"),
-                                              username="u1@example.com", domain_id=domain.id)
+        user = await store.credentials.create(
+            account.id, "smtp_user", secrets.secret_hash("pw2"), username="u1@example.com", domain_id=domain.id
+        )
         login = await store.credentials.token_login("smtp_user", secrets.secret_hash("pw2"))
         assert login is not None
         self.assertEqual((login.domain, login.username), ("example.com", "u1@example.com"))  # type: ignore[attr-defined]
@@ -121,8 +125,10 @@ class StorageTestsMixin:
         added = await store.lists.add_members(lst.id, ["x@Example.com", "x@example.com", "y@example.com"])
         self.assertEqual(added, 2)  # type: ignore[attr-defined]
         self.assertEqual(await store.lists.add_members(lst.id, ["y@example.com"]), 0)  # type: ignore[attr-defined]
-        self.assertEqual([m.address for m in await store.lists.members(lst.id)],  # type: ignore[attr-defined]
-                         ["x@example.com", "y@example.com"])
+        self.assertEqual(
+            [m.address for m in await store.lists.members(lst.id)],  # type: ignore[attr-defined]
+            ["x@example.com", "y@example.com"],
+        )
         self.assertEqual((await store.lists.get(a.id, lst.guid)).members, 2)  # type: ignore[attr-defined]
         with self.assertRaises(NotFound):  # type: ignore[attr-defined]
             await store.lists.get(b.id, lst.guid)
@@ -151,8 +157,9 @@ class StorageTestsMixin:
         await store.suppressions.add(a.id, "Dead@Example.com", "hard_bounce", detail="550 5.1.1")
         await store.suppressions.add(a.id, "old@example.com", "manual", expires_at=1.0)
         await store.suppressions.add(a.id, "l@example.com", "unsubscribe", scope="list:abc")
-        found = await store.suppressions.suppressed(a.id, ["dead@example.com", "old@example.com", "l@example.com",
-                                                           "ok@example.com"])
+        found = await store.suppressions.suppressed(
+            a.id, ["dead@example.com", "old@example.com", "l@example.com", "ok@example.com"]
+        )
         self.assertEqual(sorted(found), ["dead@example.com"])  # type: ignore[attr-defined]
         with_list = await store.suppressions.suppressed(a.id, ["l@example.com"], list_guid="abc")
         self.assertEqual(list(with_list), ["l@example.com"])  # type: ignore[attr-defined]

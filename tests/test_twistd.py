@@ -57,8 +57,7 @@ class TwistdTests(SynchronousTestCase):
         relay = self.relay(listeners={"submission": ["tcp:notaport"]})
         process = relay.start(expect_failure=True)
         self.assertEqual(process.returncode, 1)
-        self.assertIn("mailrelay: error: mailrelay.toml: listeners.submission[0]: not a valid endpoint",
-                      relay.output())
+        self.assertIn("mailrelay: error: mailrelay.toml: listeners.submission[0]: not a valid endpoint", relay.output())
         self.assertNotIn("Traceback", relay.output())
 
     def test_unreachable_database(self) -> None:

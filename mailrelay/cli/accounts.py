@@ -97,10 +97,14 @@ async def read_password(ctx: Context, prompt: str) -> str:
         password = ctx.stdin.readline().rstrip("\r\n")
     if len(password) < 8:
         raise CLIError("the password must have at least 8 characters (give it on stdin)")
+    if secrets.looks_generated(password):
+        raise CLIError("the password must not start with mrs_, mrt_ or mrk_ (those mark generated credentials)")
     return password
 
 
 async def create_account(ctx: Context) -> None:
+    if ctx.args.name.casefold() == ctx.config.smtp.injection_user.casefold():
+        raise CLIError(f"{ctx.args.name!r} is the SMTP injection user name; choose another account name")
     password_hash = None
     if not ctx.args.no_password:
         password = await read_password(ctx, "Password: ")

@@ -22,18 +22,27 @@ TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
 class RelayProcess:
-    def __init__(self, directory: Path, database_url: str | None = None, extra: str = "",
-                 listeners: dict[str, list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        database_url: str | None = None,
+        extra: str = "",
+        listeners: dict[str, list[str]] | None = None,
+    ) -> None:
         self.dir = directory.resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.data = self.dir / "data"
         self.config = self.dir / "mailrelay.toml"
-        modes = listeners if listeners is not None else {
-            "smtp": ["tcp:0:interface=127.0.0.1"],
-            "submission": ["tcp:0:interface=127.0.0.1"],
-            "submissions": ["tcp:0:interface=127.0.0.1"],
-            "http": ["tcp:0:interface=127.0.0.1"],
-        }
+        modes = (
+            listeners
+            if listeners is not None
+            else {
+                "smtp": ["tcp:0:interface=127.0.0.1"],
+                "submission": ["tcp:0:interface=127.0.0.1"],
+                "submissions": ["tcp:0:interface=127.0.0.1"],
+                "http": ["tcp:0:interface=127.0.0.1"],
+            }
+        )
         lines = [f'[server]\nhostname = "relay.test"\ndata_dir = "{self.data}"', "[listeners]"]
         for mode in ("smtp", "submission", "submissions", "http"):
             lines.append(f"{mode} = {json.dumps(modes.get(mode, []))}")
@@ -50,7 +59,9 @@ class RelayProcess:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [TWISTD, "-n", "--pidfile=", "--logfile=-", "mailrelay", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
             )
         if expect_failure:
             self.process.wait(timeout)
@@ -93,10 +104,12 @@ class RelayProcess:
     def mailrelay(self, *argv: str, stdin: str = "") -> Any:
         """Run the admin command on this relay's data; returns its parsed --json output."""
         cli = str(Path(sys.executable).with_name("mailrelay"))
-        result = subprocess.run([cli, "--config", str(self.config), "--json", *argv], input=stdin.encode(),
-                                capture_output=True, timeout=60)
+        result = subprocess.run(
+            [cli, "--config", str(self.config), "--json", *argv], input=stdin.encode(), capture_output=True, timeout=60
+        )
         out = result.stdout.decode()
         if result.returncode:
-            raise AssertionError(f"mailrelay {' '.join(argv)} failed ({result.returncode}): {out}"
-                                 f"{result.stderr.decode()}")
+            raise AssertionError(
+                f"mailrelay {' '.join(argv)} failed ({result.returncode}): {out}{result.stderr.decode()}"
+            )
         return json.loads(out) if out.strip() else None
