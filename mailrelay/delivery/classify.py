@@ -71,7 +71,7 @@ RULES: tuple[Rule, ...] = (
     Rule("soft", "recipient-rate", status=r"4\.2\.1", text=r"receiving mail at a rate"),
     # The receiver refuses the sender: reputation, policy, authentication.
     Rule("block", "dns-blocklist", text=r"spamhaus|spamcop|barracuda|sorbs|\bsurbl\b|\buceprotect"),
-    Rule("block", "blocklist", text=r"block ?list|black ?list|\bdnsbl\b|\brbl\b|listed (at|on|in)"),
+    Rule("block", "blocklist", text=r"block ?list|black ?list|\bdnsbl\b|\brbl\b|(?<!not )listed (at|on|in)"),
     Rule("block", "blocked", text=r"\bblocked\b|\bbanned\b|\bblacklisted\b|denied by policy"),
     Rule("block", "microsoft-banned-ip", status=r"5\.7\.6\d\d"),
     Rule("block", "yahoo-tss", text=r"\[TSS?\d\d\]"),

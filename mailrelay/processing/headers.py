@@ -66,15 +66,16 @@ def split_message(message: bytes) -> tuple[bytes, bytes]:
 
 def parse_fields(header_block: bytes) -> list[Field]:
     """The fields of a header block, in order; see ``Field`` for odd lines."""
-    fields: list[Field] = []
+    # Lines are collected per field and joined once: a field folded over
+    # many lines must not cost quadratic time (hostile input).
+    parts: list[tuple[bytes, list[bytes]]] = []
     for line in _LINE.findall(header_block):
-        if line[:1] in (b" ", b"\t") and fields:
-            last = fields[-1]
-            fields[-1] = Field(last.name, last.raw + line)
+        if line[:1] in (b" ", b"\t") and parts:
+            parts[-1][1].append(line)
             continue
         match = _FIELD_NAME.match(line)
-        fields.append(Field(match.group(1) if match else b"", line))
-    return fields
+        parts.append((match.group(1) if match else b"", [line]))
+    return [Field(name, b"".join(lines)) for name, lines in parts]
 
 
 def join_fields(fields: Iterable[Field]) -> bytes:
