@@ -265,10 +265,6 @@ class TextBounceSampleTests(SynchronousTestCase):
         [block] = parse("domino.eml").recipients
         self.assertEqual(block.category, "hard")
 
-    test_domino_class.todo = (  # type: ignore[attr-defined]
-        "classify's blocklist rule matches 'listed in' in 'not listed in Domino Directory'"
-    )
-
 
 class NotABounceSampleTests(SynchronousTestCase):
     """Auto-replies and garbage are recognised as what they are and make no event."""
