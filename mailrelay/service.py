@@ -212,15 +212,16 @@ def _add_smtp(relay: RelayService) -> None:
     messages = BatchWriter(store.pool, reactor, "messages", MESSAGE_COLUMNS,
                            conflict="ON CONFLICT (queue_id) DO NOTHING")
 
-    disk = {"checked": -1.0, "free": 1.0}
+    # Sampled at most once a second: statvfs and the spool's counts are not free, and a
+    # second's lag on a high-water mark does not matter.
+    state = {"checked": -1.0, "busy": 0.0}
 
     def backpressure() -> Any:
         now = reactor.seconds()
-        if now - disk["checked"] > 1.0:
-            disk["checked"], disk["free"] = now, spool.disk_free_fraction()
-        if disk["free"] < 0.05 or spool.stats().messages >= config.delivery.queue_high_water:
-            return QUEUE_FULL
-        return None
+        if now - state["checked"] > 1.0:
+            full = spool.disk_free_fraction() < 0.05 or spool.stats().messages >= config.delivery.queue_high_water
+            state["checked"], state["busy"] = now, float(full)
+        return QUEUE_FULL if state["busy"] else None
 
     submission = Submission(config=config, clock=reactor, authenticator=authenticator,
                             directory=SenderDirectory(store, reactor), quota=quota, spool=spool,

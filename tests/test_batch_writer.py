@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailrelay.events.writer import BatchWriter
 from tests.support.db import fresh_store
@@ -59,3 +59,27 @@ class SQLiteBatchWriterTests(BatchWriterTestsMixin, TestCase):
 
 class PostgresBatchWriterTests(BatchWriterTestsMixin, TestCase):
     engine = "postgresql"
+
+
+class _InstantPool:
+    """A pool whose transactions complete at once (as an idle SQLite thread nearly does)."""
+
+    def interaction(self, desc: str, fn: object) -> object:
+        from twisted.internet.defer import succeed
+
+        return succeed(None)
+
+
+class BatchWriterUnitTests(SynchronousTestCase):
+    def test_synchronous_flush_finishes(self) -> None:
+        """Regression: a flush that completes at once leaves nothing running, and stop() returns (it spun)."""
+        from twisted.internet.defer import ensureDeferred
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        writer = BatchWriter(_InstantPool(), clock, "t", ("a",), max_rows=1)  # type: ignore[arg-type]
+        writer.add((1,))
+        writer.add((2,))
+        self.successResultOf(ensureDeferred(writer.stop()))
+        self.assertEqual(writer.written, 2)
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -39,7 +39,8 @@ class BatchWriter:
         self._max_pending = max_pending
         self._rows: list[tuple[Any, ...]] = []
         self._timer: IDelayedCall | None = None
-        self._running: Deferred[None] | None = None
+        self._running: Deferred[bool] | None = None
+        self._stopped = False
         self.written = 0
         self.dropped = 0
 
@@ -54,7 +55,7 @@ class BatchWriter:
             log.warn("database behind: dropped {n} rows of {sql}", n=excess, sql=self._sql)
         if len(self._rows) >= self._max_rows and self._running is None:
             self._start_flush()
-        elif self._timer is None:
+        elif self._timer is None and not self._stopped:
             self._timer = self._clock.callLater(self._interval, self._start_flush)
 
     def _start_flush(self) -> None:
@@ -62,23 +63,28 @@ class BatchWriter:
             self._timer.cancel()
         self._timer = None
         if self._running is None:
-            self._running = ensureDeferred(self._flush_all())
+            d = ensureDeferred(self._flush_all())
+            if not d.called:  # a flush that finished at once must not be waited for later
+                self._running = d
+                d.addBoth(self._flushed)
 
-    async def _flush_all(self) -> None:
-        try:
-            while self._rows:
-                batch, self._rows = self._rows[: self._max_rows], self._rows[self._max_rows :]
-                try:
-                    await self._write(batch)
-                except Exception:
-                    log.failure("batch insert failed; retrying with the next batch")
-                    self._rows[:0] = batch
-                    break
-                self.written += len(batch)
-        finally:
-            self._running = None
-            if self._rows and self._timer is None:
-                self._timer = self._clock.callLater(self._interval, self._start_flush)
+    def _flushed(self, result: object) -> None:
+        self._running = None
+        if self._rows and self._timer is None and not self._stopped:
+            self._timer = self._clock.callLater(self._interval, self._start_flush)
+
+    async def _flush_all(self) -> bool:
+        """Write what waits, batch by batch; False when the database refused one (kept for later)."""
+        while self._rows:
+            batch, self._rows = self._rows[: self._max_rows], self._rows[self._max_rows :]
+            try:
+                await self._write(batch)
+            except Exception:
+                log.failure("batch insert failed; retrying with the next batch")
+                self._rows[:0] = batch
+                return False
+            self.written += len(batch)
+        return True
 
     async def _write(self, batch: list[tuple[Any, ...]]) -> None:
         group = "(" + ", ".join("?" * self._width) + ")"
@@ -92,15 +98,14 @@ class BatchWriter:
         await self._pool.interaction("batch_insert", txn_fn)
 
     async def flush(self) -> None:
-        """Write everything waiting (at shutdown, and in tests)."""
-        while self._running is not None:
+        """Write everything waiting now (at shutdown, and in tests); one attempt, no retry loop."""
+        if self._running is not None:
             await self._running
         if self._rows:
-            self._start_flush()
-            assert self._running is not None
-            await self._running
+            await self._flush_all()
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
