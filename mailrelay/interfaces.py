@@ -123,6 +123,48 @@ class ISpool(Interface):
         ``recipients`` a sequence of ``str``.  Returns an ``ISpoolWriter``.
         """
 
+    def recover():
+        """Once at start-up: Deferred[list[SpooledMessage]] of live messages, oldest first."""
+
+    def subscribe(listener):
+        """``listener(SpooledMessage)`` for each newly committed message, once durable."""
+
+    def messages():
+        """Live messages from memory (list[SpooledMessage]), oldest first."""
+
+    def get(queue_id):
+        """The live SpooledMessage or None."""
+
+    def read_message(queue_id):
+        """Deferred[bytes]: the whole body, CRC-checked (for small bodies)."""
+
+    def open_body(queue_id):
+        """A reader: ``.size``, ``.read(offset, length) -> Deferred[bytes]``, ``.close()``."""
+
+    def record(queue_id, outcomes):
+        """
+        ``outcomes``: {recipient: RecipientState}; Deferred[None] once durable.
+        A final state never changes; when all are final the message is finished.
+        """
+
+    def hold(queue_id):
+        """Deferred[None]; held messages are not scheduled."""
+
+    def release(queue_id):
+        """Deferred[None]."""
+
+    def delete(queue_id):
+        """Deferred[None]; finishes the message without delivering."""
+
+    def stats():
+        """SpoolStats (walks the index: not for every command)."""
+
+    def disk_free_fraction():
+        """Free fraction of the spool's file system (mail is refused below 0.05)."""
+
+    def close():
+        """Deferred[None]: wait for pending syncs, close files, release the lock."""
+
 
 # ---------------------------------------------------------------------------
 # Credentials lookups used by the AUTH checkers.  Owned by mailrelay/storage.

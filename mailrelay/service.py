@@ -219,7 +219,7 @@ def _add_smtp(relay: RelayService) -> None:
     def backpressure() -> Any:
         now = reactor.seconds()
         if now - state["checked"] > 1.0:
-            full = spool.disk_free_fraction() < 0.05 or spool.stats().messages >= config.delivery.queue_high_water
+            full = spool.disk_free_fraction() < 0.05 or len(spool) >= config.delivery.queue_high_water
             state["checked"], state["busy"] = now, float(full)
         return QUEUE_FULL if state["busy"] else None
 
