@@ -435,7 +435,7 @@ class PolicyHeadersTests(SynchronousTestCase):
 
     def test_no_from(self) -> None:
         """A message without From is refused."""
-        self.assertPolicyRefused(block("To: x@y.example"), "5.6.0", "no From header")
+        self.assertPolicyRefused(block("To: x@y.example"), "5.6.0", "Message must have a From header")
 
     def test_two_from_headers(self) -> None:
         """Two From fields are refused."""
@@ -458,7 +458,7 @@ class PolicyHeadersTests(SynchronousTestCase):
         no_to = parse_policy_headers(block("From: a@b.example"))
         self.assertFalse(no_to.to_present)
         error = self.assertRaises(PolicyHeaderError, no_to.require_recipients_headers)
-        self.assertIn("no To header", str(error.reply.text))
+        self.assertIn("Message must have a To header", str(error.reply.text))
         bad = parse_policy_headers(block("From: a@b.example", "To: c@d.example", "Reply-To: nonsense"))
         self.assertFalse(bad.reply_to_valid)
         error = self.assertRaises(PolicyHeaderError, bad.require_recipients_headers)

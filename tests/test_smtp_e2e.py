@@ -205,8 +205,8 @@ class SubmissionTests(RelayFixture, SynchronousTestCase):
         client = self.submission()
         cases = [
             (message(sender="me@admin.example.org"), (550, b"5.7.1 Unconfigured Sending Domain <admin.example.org>")),
-            (b"To: a@example.net\r\nSubject: x\r\n\r\nbody\r\n", (550, b"5.6.0")),
-            (message(to=""), (550, b"5.6.0")),
+            (b"To: a@example.net\r\nSubject: x\r\n\r\nbody\r\n", (550, b"5.6.0 Message must have a From header")),
+            (message(to=""), (550, b"5.6.0 Message must have a To header")),
             (message(extra={"Reply-To": "not an address"}), (550, b"5.1.7 Invalid Reply-To address")),
             (message(extra={"X-MT-ATTR": "{not json"}), (550, b"5.6.0 JSON parsing error in X-MT-ATTR")),
         ]

@@ -556,7 +556,7 @@ class PolicyHeaders:
     def require_recipients_headers(self) -> None:
         """Refuse a message without a To header or with a bad Reply-To (the seeds' rules)."""
         if not self.to_present:
-            raise PolicyHeaderError("5.6.0", "Message has no To header")
+            raise PolicyHeaderError("5.6.0", "Message must have a To header")
         if not self.reply_to_valid:
             raise PolicyHeaderError("5.1.7", "Invalid Reply-To address")
 
@@ -598,7 +598,7 @@ def _parse_policy_headers(header_block: bytes) -> PolicyHeaders:
     message = _PARSER.parsestr(header_block.decode("utf-8", "surrogateescape"), headersonly=True)
     froms = message.get_all("From") or []
     if not froms:
-        raise PolicyHeaderError("5.6.0", "Message has no From header")
+        raise PolicyHeaderError("5.6.0", "Message must have a From header")
     if len(froms) > 1:
         raise PolicyHeaderError("5.6.0", "Message has more than one From header")
     senders, ok = _addresses(froms[0])
