@@ -84,7 +84,7 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mailrelay.cli import accounts, content, domains
+    from mailrelay.cli import accounts, content, domains, reports
 
     parser = argparse.ArgumentParser(
         prog="mailrelay",
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     accounts.register(nouns)
     domains.register(nouns)
     content.register(nouns)
+    reports.register(nouns)
     return parser
 
 
