@@ -242,6 +242,8 @@ class MessageReceiver:
             "subject": h.subject if h else None,
             "message_id": h.message_id if h else None,
             "roles": {a: r for a, r in roles.items() if r != "to"},
+            # Mail to VERP addresses: which ones, for the feedback handler.
+            **({"inbound_rcpts": list(roles)} if route == "inbound" else {}),
             "controls": {
                 "open_tracking": c.open_tracking,
                 "click_tracking": c.click_tracking,
