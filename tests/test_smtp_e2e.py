@@ -47,7 +47,9 @@ class RelayFixture:
 
     relay: ClassVar[RelayProcess]
     creds: ClassVar[dict[str, Any]]
-    extra_config: ClassVar[str] = "[smtp]\nauth_failures_before_delay = 100\nauth_failures_before_block = 100\n"
+    # Delivery goes to a port nobody listens on: accepted mail stays queued (deferred) for the tests to find.
+    extra_config: ClassVar[str] = ("[smtp]\nauth_failures_before_delay = 100\nauth_failures_before_block = 100\n"
+                                   '[delivery]\nsmarthost = "127.0.0.1:9"\n')
 
     def setUp(self) -> None:
         # trial has no setUpClass: the first test of a class in this process starts its relay.
@@ -281,7 +283,8 @@ class SubmissionTests(RelayFixture, SynchronousTestCase):
 
 
 class ThrottleTests(RelayFixture, SynchronousTestCase):
-    extra_config = "[smtp]\nauth_failures_before_delay = 100\nauth_failures_before_block = 3\n"
+    extra_config = ('[smtp]\nauth_failures_before_delay = 100\nauth_failures_before_block = 3\n'
+                    '[delivery]\nsmarthost = "127.0.0.1:9"\n')
 
     def test_repeated_failures_refused(self) -> None:
         """After repeated failed logins from one address, even good credentials get 421 4.7.0 for a while."""

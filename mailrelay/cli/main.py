@@ -84,7 +84,7 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mailrelay.cli import accounts, content, domains, reports
+    from mailrelay.cli import accounts, content, domains, queue, reports
 
     parser = argparse.ArgumentParser(
         prog="mailrelay",
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     domains.register(nouns)
     content.register(nouns)
     reports.register(nouns)
+    queue.register(nouns)
     return parser
 
 
