@@ -157,21 +157,144 @@ def makeService(config: Config, reactor: Any) -> RelayService:
     pool = make_pool(config.database.url, reactor, size=config.database.pool_size)
     store = Store(pool, reactor)
     relay = RelayService(config, reactor, pool, store)
+    _add_events(relay)
 
     if config.listeners.smtp or config.listeners.submission or config.listeners.submissions:
         _add_smtp(relay)
         _add_queue(relay)
-
-    from mailrelay.web.site import make_site
-
-    for description in config.listeners.http:
-        relay.add_listener("http", description, make_site(relay))
+        _add_feedback(relay)
+    if config.listeners.http:
+        _add_web(relay)
     return relay
 
 
+def _tracking_secret(relay: RelayService) -> bytes:
+    secret = getattr(relay, "tracking_secret", None)
+    if secret is None:  # no SMTP side in this process: the same file the queue would use
+        from mailrelay.queue.secret import FILE_NAME, load_or_create_secret
+
+        config = relay.config
+        try:
+            secret = (config.tracking.secret.encode("utf-8") if config.tracking.secret
+                      else load_or_create_secret(config.server.data_dir / FILE_NAME))
+        except (OSError, ValueError) as e:
+            raise StartupError(f"cannot read the tracking secret: {e}")
+        relay.tracking_secret = secret  # type: ignore[attr-defined]
+    return bytes(secret)
+
+
+def _add_feedback(relay: RelayService) -> None:
+    """Bounces and complaints coming back to VERP addresses become events and suppressions."""
+    from mailrelay.feedback.handler import FeedbackHandler
+    from mailrelay.queue.wiring import KeepFeedback
+    from mailrelay.web.lookup import StoreRecipientLookup
+
+    keep = KeepFeedback(relay.reactor, relay.config.server.data_dir / "feedback")
+    relay.feedback_handler = FeedbackHandler(  # type: ignore[attr-defined]
+        StoreRecipientLookup(relay.store.pool), relay.store.suppressions, relay.event_sink,  # type: ignore[attr-defined]
+        _tracking_secret(relay), relay.reactor, keep=keep,
+    )
+
+
+def _add_web(relay: RelayService) -> None:
+    """The HTTP service: tracking, unsubscribe, /healthz, /metrics, the JSON API and webhooks."""
+    import functools
+
+    from twisted.internet.threads import deferToThreadPool
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    from mailrelay.events.queries import EventQueries
+    from mailrelay.events.stats import Stats
+    from mailrelay.events.webhooks import AgentClient, WebhookDispatcher
+    from mailrelay.metrics import Metrics
+    from mailrelay.processing import dkim
+    from mailrelay.processing.tokens import TokenSigner
+    from mailrelay.storage.model import SendingDomain
+    from mailrelay.storage.webhooks import Webhooks
+    from mailrelay.web.lookup import StoreRecipientLookup
+    from mailrelay.web.site import make_site
+
+    config, reactor, store = relay.config, relay.reactor, relay.store
+    metrics = Metrics()
+    relay.metrics = metrics  # type: ignore[attr-defined]
+    spool = getattr(relay, "spool", None)
+    if spool is not None:
+        metrics.set_queue_sizes(lambda: dict(spool.stats().recipients))
+    webhooks = Webhooks(store.pool, reactor)
+    http = AgentClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
+    dispatcher = WebhookDispatcher(webhooks, http, reactor, metrics)
+    sink = relay.event_sink  # type: ignore[attr-defined]
+    sink.subscribe(dispatcher.receive)
+
+    def records(d: SendingDomain) -> tuple[dkim.DNSRecord, ...]:
+        return dkim.sending_domain_records(d.domain, d.dkim_selector, d.dkim_private_key, d.dkim_ed25519_key,
+                                           config.domains.bounce_domain)
+
+    site = make_site(
+        store=store, webhooks=webhooks, signer=TokenSigner(_tracking_secret(relay)), sink=sink,
+        stats=Stats(store.pool), events=EventQueries(store.pool), clock=reactor, metrics=metrics,
+        domain_records=records, dispatcher=dispatcher,
+        dkim_keygen=functools.partial(deferToThreadPool, reactor, reactor.getThreadPool(), dkim.generate_rsa_key),
+        recipients=StoreRecipientLookup(store.pool), injection_user=config.smtp.injection_user,
+    )
+    for description in config.listeners.http:
+        relay.add_listener("http", description, site)
+
+    async def stop() -> None:
+        dispatcher.stop()
+        await site.resource.tracker.drain()
+
+    relay.shutdown_steps.append(stop)
+
+
+def _add_events(relay: RelayService) -> None:
+    """The event sink every stage reports to: batched writes, roll-ups, an outage buffer on disk."""
+    from mailrelay.events.sink import EventSink
+
+    events = EventSink(relay.store.pool, relay.reactor, relay.reactor, str(relay.config.server.data_dir / "events"))
+    relay.event_sink = events  # type: ignore[attr-defined]
+
+    async def start() -> None:
+        await events.start()
+
+    async def stop() -> None:
+        await events.stop()
+
+    # First to start, last to stop: events emitted by the other stages' shutdown are still stored.
+    relay.startup_steps.insert(0, start)
+    relay.shutdown_steps.insert(0, stop)
+
+
 def _add_queue(relay: RelayService) -> None:
-    """The queue manager and delivery (owned by mailrelay/queue): fed by the spool and the SMTP accept path."""
-    return None
+    """
+    The queue manager and delivery (owned by mailrelay/queue): fed by the spool and the SMTP accept path.
+
+    The event sink and the feedback handler are looked up on the relay when first used
+    (``relay.event_sink``, ``relay.feedback_handler``), so they may be wired after this.
+    """
+    from mailrelay.queue.wiring import KeepFeedback, LateEventSink, QueueService, late_feedback, make_backpressure
+    from mailrelay.smtp.session import QUEUE_FULL
+
+    config, reactor = relay.config, relay.reactor
+    spool = relay.spool  # type: ignore[attr-defined]
+    submission = relay.submission  # type: ignore[attr-defined]
+    keep = KeepFeedback(reactor, config.server.data_dir / "feedback")
+    try:
+        queue = QueueService(
+            reactor=reactor, config=config, spool=spool, store=relay.store,
+            events=LateEventSink(lambda: getattr(relay, "event_sink", None)),
+            feedback=late_feedback(lambda: getattr(relay, "feedback_handler", None), keep),
+        )
+    except (OSError, ValueError) as e:
+        raise StartupError(f"cannot set up the queue: {e}")
+    relay.queue = queue  # type: ignore[attr-defined]
+    relay.tracking_secret = queue.secret  # type: ignore[attr-defined]
+    submission.on_queued = queue.manager.add
+    # spool.stats() walks every message; the queue counts them in O(1).
+    submission.backpressure = make_backpressure(spool, reactor, config.delivery.queue_high_water,
+                                                lambda: queue.manager.message_count, QUEUE_FULL)
+    relay.startup_steps.append(queue.start)
+    relay.shutdown_steps.append(queue.stop)
 
 
 def _tls_context(config: Config) -> Any:
@@ -196,7 +319,7 @@ def _add_smtp(relay: RelayService) -> None:
     from mailrelay.policy.quota import QuotaTracker
     from mailrelay.smtp.auth import Authenticator
     from mailrelay.smtp.protocol import ServerSettings, SMTPServerFactory
-    from mailrelay.smtp.session import MESSAGE_COLUMNS, QUEUE_FULL, Submission
+    from mailrelay.smtp.session import MESSAGE_COLUMNS, Submission
     from mailrelay.smtp.tls import implicit_tls_factory
     from mailrelay.spool import Spool, SpoolError
 
@@ -212,20 +335,9 @@ def _add_smtp(relay: RelayService) -> None:
     messages = BatchWriter(store.pool, reactor, "messages", MESSAGE_COLUMNS,
                            conflict="ON CONFLICT (queue_id) DO NOTHING")
 
-    # Sampled at most once a second: statvfs and the spool's counts are not free, and a
-    # second's lag on a high-water mark does not matter.
-    state = {"checked": -1.0, "busy": 0.0}
-
-    def backpressure() -> Any:
-        now = reactor.seconds()
-        if now - state["checked"] > 1.0:
-            full = spool.disk_free_fraction() < 0.05 or len(spool) >= config.delivery.queue_high_water
-            state["checked"], state["busy"] = now, float(full)
-        return QUEUE_FULL if state["busy"] else None
-
     submission = Submission(config=config, clock=reactor, authenticator=authenticator,
                             directory=SenderDirectory(store, reactor), quota=quota, spool=spool,
-                            messages=messages, backpressure=backpressure, node=config.server.hostname)
+                            messages=messages, node=config.server.hostname)
     relay.submission = submission  # type: ignore[attr-defined]
     relay.spool = spool  # type: ignore[attr-defined]
 

@@ -75,20 +75,9 @@ def register(nouns: Any) -> None:
     r.set_defaults(verb=revoke_api_key)
 
 
-RETURN_PATH_LABEL = "rp"
-
-
 def _records(config: Config, d: SendingDomain) -> tuple[dkim.DNSRecord, ...]:
-    """DKIM key(s), and a return-path CNAME to the relay's bounce domain (for SPF alignment)."""
-    ed = d.dkim_ed25519_key.encode("ascii") if d.dkim_ed25519_key else None
-    return dkim.dns_records(d.domain, d.dkim_selector, d.dkim_private_key.encode("ascii"),
-                            bounce_domain=f"{RETURN_PATH_LABEL}.{d.domain}",
-                            return_path_target=config.domains.bounce_domain, ed25519_public_key=ed)
-
-
-def _required(record: dkim.DNSRecord) -> bool:
-    """Only the DKIM keys must be published before the domain may send."""
-    return record.type == "TXT" and "._domainkey." in record.name
+    return dkim.sending_domain_records(d.domain, d.dkim_selector, d.dkim_private_key, d.dkim_ed25519_key,
+                                       config.domains.bounce_domain)
 
 
 def _describe(config: Config, d: SendingDomain, account: str) -> tuple[dict[str, Any], list[str]]:
@@ -140,7 +129,7 @@ async def verify_domain(ctx: Context) -> None:
     checks: list[dict[str, Any]] = []
     if not ctx.args.force:
         for record in _records(ctx.config, d):
-            if not _required(record):
+            if not dkim.is_dkim_record(record):
                 continue
             found = await deferToThread(_lookup_txt, ctx.config, record.name)
             ok = found is not None and any(_same_txt("".join(record.strings), value) for value in found)

@@ -370,3 +370,25 @@ def dns_records(
     else:
         raise ValueError("give relay_host or return_path_target")
     return tuple(records)
+
+
+RETURN_PATH_LABEL = "rp"
+
+
+def sending_domain_records(
+    domain: str, selector: str, private_key_pem: str, ed25519_key_pem: str | None, bounce_domain: str
+) -> tuple[DNSRecord, ...]:
+    """
+    What a customer publishes for one sending domain: its DKIM key(s), and
+    a return-path CNAME ``rp.<domain>`` to the relay's bounce domain (so
+    SPF can align).  The admin command and the API both show these.
+    """
+    ed = ed25519_key_pem.encode("ascii") if ed25519_key_pem else None
+    return dns_records(domain, selector, private_key_pem.encode("ascii"),
+                       bounce_domain=f"{RETURN_PATH_LABEL}.{domain}", return_path_target=bounce_domain,
+                       ed25519_public_key=ed)
+
+
+def is_dkim_record(record: DNSRecord) -> bool:
+    """Only the DKIM keys must be published before a domain may send."""
+    return record.type == "TXT" and "._domainkey." in record.name
