@@ -885,6 +885,8 @@ class SMTPClientProtocol(Protocol):
 class _OneShotFactory(Factory):
     """Hands the endpoint the protocol built beforehand."""
 
+    noisy = False  # one per outbound connection: "Starting/Stopping factory" lines would flood the log
+
     def __init__(self, protocol: SMTPClientProtocol) -> None:
         self._protocol = protocol
 
