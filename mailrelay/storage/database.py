@@ -137,8 +137,12 @@ class SQLitePool(DatabasePool):
         self.engine = SQLiteEngine()
         self._reactor = reactor
         self._threads = ThreadPool(minthreads=1, maxthreads=1, name="mailrelay-sqlite")
+        # Plain SELECTs run on a second connection and thread: in WAL mode readers never wait
+        # behind the writer's transactions (event batches), so lookups stay fast under load.
+        self._reader_threads = ThreadPool(minthreads=1, maxthreads=1, name="mailrelay-sqlite-read")
         self._lock = DeferredLock()
         self._conn: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
 
     def _run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         def call() -> T:
@@ -165,13 +169,34 @@ class SQLitePool(DatabasePool):
                 raise DatabaseUnavailable(f"cannot open the SQLite database {path}: {e}")
             self._conn = conn
 
+        def connect_reader(_: object) -> Deferred[None]:
+            if path == ":memory:":
+                return Deferred.fromCoroutine(_nothing())  # one private database: reads use the writer
+
+            def open_reader() -> None:
+                reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+                reader.execute("PRAGMA busy_timeout=30000")
+                self._reader = reader
+
+            self._reader_threads.start()
+            return deferToThreadPool(self._reactor, self._reader_threads, open_reader)
+
         d = deferToThreadPool(self._reactor, self._threads, connect)
+        d.addCallback(connect_reader)
 
         def failed(f: Any) -> Any:
             self._threads.stop()
+            if self._reader_threads.started:
+                self._reader_threads.stop()
             return f
 
         return d.addErrback(failed)
+
+    def execute(self, desc: str, sql: str, args: Sequence[Any] = ()) -> Deferred[list[Row]]:
+        if self._reader is None or not _is_select(sql):
+            return super().execute(desc, sql, args)
+        reader = self._reader
+        return deferToThreadPool(self._reactor, self._reader_threads, _sqlite_execute, reader, sql, args)
 
     def close(self) -> Deferred[None]:
         async def shut() -> None:
@@ -180,9 +205,14 @@ class SQLitePool(DatabasePool):
                 if self._conn is not None:
                     conn, self._conn = self._conn, None
                     await deferToThreadPool(self._reactor, self._threads, conn.close)
+                if self._reader is not None:
+                    reader, self._reader = self._reader, None
+                    await deferToThreadPool(self._reactor, self._reader_threads, reader.close)
             finally:
                 self._lock.release()
                 self._threads.stop()
+                if self._reader_threads.started:
+                    self._reader_threads.stop()
 
         return Deferred.fromCoroutine(shut())
 
@@ -261,6 +291,13 @@ class PostgresPool(DatabasePool):
         self._pool.close()
         return Deferred.fromCoroutine(_nothing())
 
+    def execute(self, desc: str, sql: str, args: Sequence[Any] = ()) -> Deferred[list[Row]]:
+        if not _is_select(sql):
+            return super().execute(desc, sql, args)
+        # One round trip instead of BEGIN, the query and COMMIT.
+        d: Deferred[Any] = self._pool.runQuery(self._engine_pg.convert(sql), tuple(args))
+        return d.addCallback(lambda rows: [tuple(r) for r in rows or []])
+
     def interaction(self, desc: str, fn: Callable[[Transaction], Awaitable[T]]) -> Deferred[T]:
         engine = self._engine_pg
 
@@ -268,6 +305,12 @@ class PostgresPool(DatabasePool):
             return Deferred.fromCoroutine(_call(fn, _PostgresTransaction(engine, cursor)))
 
         return self._pool.runInteraction(run)  # type: ignore[no-any-return]
+
+
+def _is_select(sql: str) -> bool:
+    """A statement that only reads (and so needs no transaction of its own)."""
+    head = sql.lstrip()[:6].upper()
+    return head == "SELECT" and "RETURNING" not in sql.upper()
 
 
 async def _call(fn: Callable[[Transaction], Awaitable[T]], txn: Transaction) -> T:
