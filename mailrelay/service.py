@@ -217,9 +217,7 @@ def _add_web(relay: RelayService) -> None:
     config, reactor, store = relay.config, relay.reactor, relay.store
     metrics = Metrics()
     relay.metrics = metrics  # type: ignore[attr-defined]
-    spool = getattr(relay, "spool", None)
-    if spool is not None:
-        metrics.set_queue_sizes(lambda: dict(spool.stats().recipients))
+    _feed_metrics(relay, metrics)
     webhooks = Webhooks(store.pool, reactor)
     http = AgentClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
     dispatcher = WebhookDispatcher(webhooks, http, reactor, metrics)
@@ -297,6 +295,59 @@ def _add_queue(relay: RelayService) -> None:
     relay.shutdown_steps.append(queue.stop)
 
 
+def _feed_metrics(relay: RelayService, metrics: Any) -> None:
+    """
+    Connect the Prometheus metrics to the stages from the outside, so no stage depends on them:
+    delivery results from the event stream, sessions from the listeners' counts, failed logins
+    and acceptances through the session's hooks.
+    """
+    from twisted.cred.error import UnauthorizedLogin
+
+    from mailrelay.events.model import Event, EventType
+
+    spool = getattr(relay, "spool", None)
+    if spool is not None:
+        # Walks the spool's index: only when /metrics is scraped.
+        metrics.set_queue_sizes(lambda: dict(spool.stats().recipients))
+    for mode, factory in getattr(relay, "smtp_factories", []):
+        metrics.smtp_sessions.labels(listener=mode).set_function(lambda f=factory: float(f.active_connections))
+
+    def on_event(event: Event) -> None:
+        if event.type is EventType.DELIVERED:
+            metrics.recipients_delivered.inc()
+        elif event.type is EventType.DEFERRED:
+            metrics.recipients_deferred.inc()
+        elif event.type is EventType.BOUNCED:
+            metrics.recipients_bounced.labels(**{"class": str(event.detail.get("class") or "hard")}).inc()
+
+    relay.event_sink.subscribe(on_event)  # type: ignore[attr-defined]
+
+    submission = getattr(relay, "submission", None)
+    if submission is None:
+        return
+    queued, authenticator = submission.on_queued, submission.authenticator
+
+    def on_queued(queue_id: str) -> None:
+        message = spool.get(queue_id) if spool is not None else None
+        listener = str(message.envelope.get("listener") or "smtp") if message is not None else "smtp"
+        metrics.messages_accepted.labels(listener=listener).inc()
+        queued(queue_id)
+
+    class CountingAuthenticator:
+        def authenticate(self, client_ip: str, mechanism: str, username: str, password: str) -> Deferred[Any]:
+            d = authenticator.authenticate(client_ip, mechanism, username, password)
+
+            def failed(f: Any) -> Any:
+                if f.check(UnauthorizedLogin):
+                    metrics.auth_failures.labels(mechanism=mechanism).inc()
+                return f
+
+            return d.addErrback(failed)
+
+    submission.on_queued = on_queued
+    submission.authenticator = CountingAuthenticator()
+
+
 def _tls_context(config: Config) -> Any:
     from mailrelay.smtp.tls import ReloadingContextFactory, TLSConfigError, ensure_self_signed
 
@@ -340,6 +391,7 @@ def _add_smtp(relay: RelayService) -> None:
                             messages=messages, node=config.server.hostname)
     relay.submission = submission  # type: ignore[attr-defined]
     relay.spool = spool  # type: ignore[attr-defined]
+    relay.smtp_factories = []  # type: ignore[attr-defined]
 
     async def start() -> None:
         threads.start()
@@ -366,9 +418,9 @@ def _add_smtp(relay: RelayService) -> None:
             max_connections_per_ip=s.max_connections_per_ip,
         )
         for description in getattr(config.listeners, mode):
-            if mode == "submissions":
-                factory: Any = implicit_tls_factory(SMTPServerFactory(settings, submission.delegate, reactor), tls)
-            else:
-                factory = SMTPServerFactory(settings, submission.delegate, reactor, tls_context_factory=tls)
+            smtp_factory = SMTPServerFactory(settings, submission.delegate, reactor,
+                                             tls_context_factory=None if mode == "submissions" else tls)
+            relay.smtp_factories.append((mode, smtp_factory))  # type: ignore[attr-defined]
+            factory: Any = implicit_tls_factory(smtp_factory, tls) if mode == "submissions" else smtp_factory
             relay.add_listener(mode, description, factory)
 

@@ -267,6 +267,25 @@ class SubmissionTests(RelayFixture, SynchronousTestCase):
         self.assertEqual(client.rcpt("victim@example.net"), (554, b"5.7.1 Relay access denied"))
         self.assertEqual(client.rcpt("nobody@bounces.relay.test"), (550, b"5.1.1 No such user here"))
 
+    def test_metrics(self) -> None:
+        """/metrics counts accepted messages per listener and failed logins, and shows open sessions."""
+        import urllib.request
+
+        self.assertQueued(self.send(self.submission(), message()))
+        client = smtplib.SMTP("127.0.0.1", self.relay.port("submission"), timeout=30)
+        self.addCleanup(_close, client)
+        client.starttls(context=tls_context())
+        with self.assertRaises(smtplib.SMTPAuthenticationError):
+            client.login("shop", "not-the-password")
+        url = f"http://127.0.0.1:{self.relay.port('http')}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        accepted = [line for line in text.splitlines()
+                    if line.startswith('mailrelay_messages_accepted_total{listener="submission"}')]
+        self.assertTrue(accepted and float(accepted[0].split()[-1]) >= 1, text[:2000])
+        self.assertIn('mailrelay_auth_failures_total{mechanism="PLAIN"}', text)
+        self.assertIn('mailrelay_smtp_sessions{listener="submission"}', text)
+
     def test_swaks(self) -> None:
         """swaks (the tool in the README walk-through) sends with STARTTLS and AUTH LOGIN."""
         swaks = shutil.which("swaks")

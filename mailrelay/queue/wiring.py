@@ -120,7 +120,11 @@ def make_client(reactor: Any, config: Config) -> DeliveryClient:
     source = config.delivery.source_address
     v6 = source if source and ":" in source else None
     v4 = source if source and not v6 else None
-    return DeliveryClient(reactor, ClientConfig(helo_hostname=config.server.hostname, source_ipv4=v4, source_ipv6=v6))
+    # Keep as many idle connections per host as deliveries may run at once to one destination:
+    # with fewer, most deliveries of a busy destination pay a new connection, greeting and EHLO.
+    return DeliveryClient(reactor, ClientConfig(helo_hostname=config.server.hostname, source_ipv4=v4,
+                                                source_ipv6=v6,
+                                                max_idle_per_host=config.delivery.concurrency_per_destination))
 
 
 def settings_of(config: Config) -> QueueSettings:
