@@ -366,6 +366,7 @@ def _add_smtp(relay: RelayService) -> None:
     from twisted.python.threadpool import ThreadPool
 
     from mailrelay.events.writer import BatchWriter
+    from mailrelay.policy.attribution import Attribution
     from mailrelay.policy.directory import SenderDirectory
     from mailrelay.policy.quota import QuotaTracker
     from mailrelay.smtp.auth import Authenticator
@@ -383,11 +384,13 @@ def _add_smtp(relay: RelayService) -> None:
         raise StartupError(str(e))
     authenticator = Authenticator(store.credentials, config.smtp, reactor, reactor, threads)
     quota = QuotaTracker(store.counters, reactor)
+    attribution = Attribution(store, reactor)
     messages = BatchWriter(store.pool, reactor, "messages", MESSAGE_COLUMNS,
                            conflict="ON CONFLICT (queue_id) DO NOTHING")
 
     submission = Submission(config=config, clock=reactor, authenticator=authenticator,
                             directory=SenderDirectory(store, reactor), quota=quota, spool=spool,
+                            attribution=attribution,
                             messages=messages, node=config.server.hostname)
     relay.submission = submission  # type: ignore[attr-defined]
     relay.spool = spool  # type: ignore[attr-defined]
@@ -400,6 +403,7 @@ def _add_smtp(relay: RelayService) -> None:
 
     async def stop() -> None:
         await quota.stop()
+        await attribution.stop()
         await messages.stop()
         await spool.close()
         threads.stop()

@@ -1084,6 +1084,8 @@ class QueueManager:
             message_id=env.get("message_id") or message_id_for(message.queue_id, received_at, self.settings.hostname),
             transmission_id=message.queue_id,
             recipient=recipient,
+            # Set at the end of DATA by the campaign attribution (mailrelay.policy.attribution).
+            campaign_id=int(env["campaign_id"]) if env.get("campaign_id") is not None else None,
             tags=tuple(controls.get("tags") or ()),
             detail=detail,
         )

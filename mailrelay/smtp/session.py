@@ -7,6 +7,13 @@ the ``Authenticator``, applies the relay rules at RCPT, and at the end of
 DATA runs the policy (account standing, sending domain, required headers,
 control headers, quota) before committing the message to the spool.  Only
 a committed (fsynced) message gets its 250.
+
+Campaign and list attribution (``mailrelay.policy.attribution``) and the
+expansion of list addresses (``<list guid>@<lists domain>``) are decided
+when the header section is complete, because the spool writer is opened
+with the final envelope and recipients.  While that lookup runs (usually
+answered from the cache at once) the body is held in memory; after it the
+body streams to the spool as before.
 """
 
 from __future__ import annotations
@@ -25,16 +32,30 @@ from zope.interface import implementer
 from mailrelay.config import Config
 from mailrelay.events.writer import BatchWriter
 from mailrelay.interfaces import IMessageReceiver, ISMTPDelegate, ISpool, ISpoolWriter
+from mailrelay.policy.attribution import (
+    NO_SUCH_LIST,
+    Attributed,
+    Attribution,
+    UnknownCampaign,
+    no_deliverable_members,
+)
 from mailrelay.policy.directory import SenderDirectory
 from mailrelay.policy.quota import QuotaTracker
 from mailrelay.policy.sender import Route, check_account, check_from_domain
 from mailrelay.processing.controls import (
+    MOOSEND_CAMPAIGN,
+    MOOSEND_LIST,
+    MT_ATTR,
+    OWN_CAMPAIGN,
+    OWN_LIST,
     ControlAttributes,
     PolicyHeaders,
+    _display_name,
     fan_out,
     parse_control_headers,
     parse_policy_headers,
 )
+from mailrelay.processing.headers import parse_fields
 from mailrelay.types import Envelope, MailParams, Principal, Reply, SessionInfo, SMTPReplyError, split_address
 
 log = Logger()
@@ -46,6 +67,7 @@ RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
 HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header section too large")
 QUEUE_FULL = Reply(451, "4.3.1", "Queue full, try again later")
+LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary failure looking up campaign or list, try again later")
 
 
 class Authenticator(Protocol):
@@ -76,6 +98,16 @@ class Submission:
     backpressure: Callable[[], Reply | None] = lambda: None
     on_queued: Callable[[str], None] = lambda queue_id: None
     node: str = ""
+    attribution: Attribution | None = None
+
+    def __attrs_post_init__(self) -> None:
+        # Until the wiring passes one in, build it from the directory's store, so
+        # attribution works with the current service.py; a directory without a
+        # store (a test fake) means no attribution.
+        if self.attribution is None:
+            store = getattr(self.directory, "_store", None)
+            if store is not None:
+                self.attribution = Attribution(store, self.clock)
 
     def delegate(self) -> Session:
         return Session(self)
@@ -109,7 +141,11 @@ class Session:
 
     def validate_to(self, session: SessionInfo, envelope: Envelope, address: str) -> None:
         local, domain = split_address(address)
-        if session.principal is not None:
+        principal = session.principal
+        if principal is not None:
+            attribution = self.submission.attribution
+            if attribution is not None and domain == self.config.domains.lists_domain:
+                return self._check_list_address(attribution, principal.account_id, local)  # type: ignore[return-value]
             return None
         # Without AUTH (port 25) only the relay's own addresses: never an open relay.
         if domain == self.config.domains.bounce_domain:
@@ -117,6 +153,15 @@ class Session:
                 return None
             raise SMTPReplyError(NO_SUCH_USER)
         raise SMTPReplyError(RELAY_DENIED)
+
+    def _check_list_address(self, attribution: Attribution, account_id: int, local: str) -> Deferred[None]:
+        """A list address is accepted only when the list is one of the account's own."""
+
+        async def check() -> None:
+            if await attribution.list_address(account_id, local) is None:
+                raise SMTPReplyError(NO_SUCH_LIST)
+
+        return ensureDeferred(check())
 
     def open_message(self, session: SessionInfo, envelope: Envelope) -> IMessageReceiver:
         busy = self.submission.backpressure()
@@ -166,6 +211,14 @@ class MessageReceiver:
         self.headers: PolicyHeaders | None = None
         self.controls = ControlAttributes()
         self.recipients: tuple[str, ...] = ()
+        self.attributed: Attributed | None = None
+        self._headers_done = False
+        self._body: list[bytes] = []  # body bytes that arrive while attribution is looked up
+        self._preparing: Deferred[None] | None = None
+        self._refusal: SMTPReplyError | None = None  # from attribution; sent after the account checks
+        self._aborted = False
+        self._expanded: tuple[str, ...] = ()  # list guids the message was sent to
+        self._members: tuple[str, ...] = ()  # recipients to add to the attributed list
 
     # -- streaming ---------------------------------------------------------
 
@@ -173,8 +226,11 @@ class MessageReceiver:
         if self._writer is not None:
             self._writer.write(data)
             return
-        if self._error is not None:
+        if self._error is not None or self._refusal is not None:
             return  # draining a message that will be refused
+        if self._headers_done:
+            self._body.append(bytes(data))  # attribution still being looked up
+            return
         self._head += data
         # The header section ends at the first empty line; clients that send bare LF line
         # endings (smtplib with bytes, some PHP mailers) are taken as they are.
@@ -184,8 +240,8 @@ class MessageReceiver:
             header_block, rest = bytes(self._head[:cut]), bytes(self._head[cut:])
             self._head = bytearray()
             self._open(header_block)
-            if self._writer is not None:
-                self._writer.write(rest)
+            if rest:
+                self.write(rest)
         elif len(self._head) > MAX_HEADER_BYTES:
             self._head = bytearray()
             self._error = SMTPReplyError(HEADER_TOO_BIG)
@@ -198,13 +254,75 @@ class MessageReceiver:
         except SMTPReplyError as e:
             self._error = e
             return
-        if self.session.principal is None:
+        self._headers_done = True
+        attribution = self.submission.attribution
+        principal = self.session.principal
+        if principal is None:
             copies: tuple[tuple[str, str], ...] = tuple((r, "to") for r in _distinct(self.envelope.rcpt_to))
-        else:
+            self._start(header_block, copies, None)
+        elif attribution is None:
             copies = tuple((c.address, c.role) for c in fan_out(self.envelope.rcpt_to, self.controls))
+            self._start(header_block, copies, None)
+        else:
+            self._preparing = ensureDeferred(self._attribute(attribution, principal.account_id, header_block))
+
+    async def _attribute(self, attribution: Attribution, account_id: int, header_block: bytes) -> None:
+        """
+        Expand list addresses, decide campaign and list, then open the spool
+        writer; a refusal is kept for the end of DATA (the body is drained).
+        """
+        lists_domain = self.submission.config.domains.lists_domain
+        direct = [r for r in self.envelope.rcpt_to if split_address(r)[1] != lists_domain]
+        list_rcpts = [r for r in self.envelope.rcpt_to if split_address(r)[1] == lists_domain]
+        copies = [(c.address, c.role) for c in fan_out(direct, self.controls)]
+        n_direct = len(copies)
+        expanded = []
+        try:
+            seen = {a.lower() for a, _ in copies}
+            for rcpt in list_rcpts:
+                found = await attribution.list_address(account_id, split_address(rcpt)[0])
+                if found is None:  # removed since RCPT
+                    raise SMTPReplyError(NO_SUCH_LIST)
+                expanded.append(found)
+                for member in await attribution.expand(account_id, found):
+                    if member.lower() not in seen:
+                        seen.add(member.lower())
+                        copies.append((member, "to"))
+            if not copies:
+                raise SMTPReplyError(no_deliverable_members(expanded[0].guid if expanded else "?"))
+            campaign, mailing_list = _attribution_refs(header_block, self.controls)
+            subject = self.headers.subject if self.headers else None
+            first = expanded[0] if expanded else None
+            try:
+                self.attributed = await attribution.attribute(account_id, subject, campaign, mailing_list, first)
+            except UnknownCampaign:
+                if campaign is None or campaign[1] != "X-MT-ATTR":
+                    raise
+                # X-MT-ATTR's campaign_id is a free-form label for Mailtarget and
+                # SparkPost: used when it names a campaign, otherwise not an error.
+                self.attributed = await attribution.attribute(account_id, subject, None, mailing_list, first)
+        except SMTPReplyError as e:
+            self._refusal = e
+        except Exception:
+            log.failure("smtp: attribution lookup failed")
+            self._refusal = SMTPReplyError(LOOKUP_FAILED)
+        if self._refusal is not None or self._aborted:
+            self._body = []
+            return
+        self._expanded = tuple(m.guid for m in expanded)
+        # Archive copies are the sender's own records, not recipients of the send;
+        # members of an expanded list are members already.
+        self._members = tuple(a for a, role in copies[:n_direct] if role != "archive")
+        self._start(header_block, tuple(copies), self.attributed)
+        body, self._body = self._body, []
+        for chunk in body:
+            self.write(chunk)
+
+    def _start(self, header_block: bytes, copies: tuple[tuple[str, str], ...], attributed: Attributed | None) -> None:
+        """Open the spool writer with the final envelope and recipients, and write the header section."""
         self.recipients = tuple(address for address, _ in copies)
         route = self._route()
-        envelope = self._spool_envelope(route, dict(copies))
+        envelope = self._spool_envelope(route, dict(copies), attributed)
         writer = self.submission.spool.open_message(envelope, self.recipients)
         now = self.submission.clock.seconds()
         only = self.recipients[0] if len(self.recipients) == 1 else None
@@ -220,7 +338,7 @@ class MessageReceiver:
             return Route.SANDBOX.value
         return Route.DELIVER.value
 
-    def _spool_envelope(self, route: str, roles: dict[str, str]) -> dict[str, Any]:
+    def _spool_envelope(self, route: str, roles: dict[str, str], attributed: Attributed | None) -> dict[str, Any]:
         s, e, p = self.session, self.envelope, self.session.principal
         h = self.headers
         c = self.controls
@@ -242,6 +360,11 @@ class MessageReceiver:
             "subject": h.subject if h else None,
             "message_id": h.message_id if h else None,
             "roles": {a: r for a, r in roles.items() if r != "to"},
+            "campaign_id": attributed.campaign_id if attributed else None,
+            "campaign_guid": attributed.campaign_guid if attributed else None,
+            "list_id": attributed.list_id if attributed else None,
+            "list_guid": attributed.list_guid if attributed else None,
+            "lists": list(self._expanded),
             # Mail to VERP addresses: which ones, for the feedback handler.
             **({"inbound_rcpts": list(roles)} if route == "inbound" else {}),
             "controls": {
@@ -263,7 +386,7 @@ class MessageReceiver:
         return ensureDeferred(self._finish())
 
     async def _finish(self) -> Reply:
-        if self._writer is None and self._error is None:
+        if self._writer is None and self._error is None and not self._headers_done:
             if len(self._head) > MAX_HEADER_BYTES:
                 self._error = SMTPReplyError(HEADER_TOO_BIG)
             else:
@@ -273,13 +396,15 @@ class MessageReceiver:
                     header_block += b"\r\n"
                 self._head = bytearray()
                 self._open(header_block)
+        if self._preparing is not None:
+            await self._preparing
         if self._error is not None:
             self.abort()
             raise self._error
-        writer = self._writer
-        assert writer is not None and self.headers is not None
         try:
             account_id = await self._check_policy()
+            writer = self._writer
+            assert writer is not None and self.headers is not None
             queue_id: str = await writer.commit()
         except BaseException:
             self.abort()
@@ -300,6 +425,8 @@ class MessageReceiver:
         verified = await sub.directory.verified_domains(principal.account_id)
         check_from_domain(principal, headers.from_domain, verified, sub.config.smtp.sandbox_domain)
         headers.require_recipients_headers()
+        if self._refusal is not None:
+            raise self._refusal
         await sub.quota.check(account.id, account.daily_quota, len(self.recipients))
         return account.id
 
@@ -318,8 +445,8 @@ class MessageReceiver:
                     self.headers.message_id,
                     self.envelope.mail_from,
                     (self.headers.subject or "")[:998],
-                    None,
-                    None,
+                    self.attributed.campaign_id if self.attributed else None,
+                    self.attributed.list_id if self.attributed else None,
                     ",".join(self.controls.tags),
                     size,
                     len(self.recipients),
@@ -328,8 +455,12 @@ class MessageReceiver:
                     sub.clock.seconds(),
                 )
             )
+        if sub.attribution is not None and self.attributed is not None and self._members:
+            sub.attribution.remember(self.attributed.list_id, self._members)
 
     def abort(self) -> None:
+        self._aborted = True
+        self._body = []
         if self._writer is not None and not self._done:
             writer, self._writer = self._writer, None
             writer.abort()
@@ -374,3 +505,22 @@ def _distinct(addresses: tuple[str, ...]) -> tuple[str, ...]:
             seen.add(a.lower())
             out.append(a)
     return tuple(out)
+
+
+def _attribution_refs(
+    header_block: bytes, controls: ControlAttributes
+) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
+    """
+    The campaign and list references of a message with the header each came
+    from (the one that wins: mailrelay's own over Moosend's over X-MT-ATTR),
+    so a refusal names the header the client has to fix.
+    """
+    names = {f.lname for f in parse_fields(header_block) if f.name}
+    campaign = list_ref = None
+    if controls.campaign is not None:
+        source = next((n for n in (OWN_CAMPAIGN, MOOSEND_CAMPAIGN) if n in names), MT_ATTR)
+        campaign = (controls.campaign, _display_name(source))
+    if controls.mailing_list is not None:
+        source = OWN_LIST if OWN_LIST in names else MOOSEND_LIST
+        list_ref = (controls.mailing_list, _display_name(source))
+    return campaign, list_ref

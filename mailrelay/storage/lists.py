@@ -62,6 +62,17 @@ class Lists:
             raise NotFound(f"no list {guid_or_name!r} in this account")
         return _list(rows[0])
 
+    async def by_id(self, account_id: int, list_id: int) -> MailingList:
+        """
+        A list of this account by its row id (what a campaign's ``list_id``
+        holds); another account's list is not found.
+        """
+        rows = await self._pool.execute("list_by_id", _SELECT + " WHERE l.account_id = ? AND l.id = ?",
+                                        (account_id, list_id))
+        if not rows:
+            raise NotFound(f"no list with row id {list_id} in this account")
+        return _list(rows[0])
+
     async def get_or_create(self, account_id: int, name: str) -> MailingList:
         try:
             return await self.get(account_id, name)
