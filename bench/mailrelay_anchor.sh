@@ -55,3 +55,50 @@ anchor_mailrelay() {
   stop_pid "$MR_PID" mailrelay
   stop_sink
 }
+
+# The cells this project compares against, without the peers' other cases (plain, 1 msg/session,
+# smtp-source cross-check): STARTTLS + AUTH (b) and STARTTLS + AUTH + DKIM (c), at every size.
+anchor_postfix_bc() {
+  log "== Anchor A (b, c): Postfix $(postconf -h mail_version) + Dovecot SASL + OpenDKIM"
+  postfix_configure
+  start_sink
+  postfix_start
+  SERVER_PIDS=("$POSTFIX_PID" "$DOVECOT_PID" "$OPENDKIM_PID")
+  local size
+  for size in $SIZES; do
+    cell postfix b "$size" $PF_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
+    cell postfix c "$size" $PF_SUB_DKIM "$PER_SESSION" --starttls "${AUTHARGS[@]}"
+  done
+  postfix_stop
+  stop_sink
+}
+
+anchor_haraka_bc() {
+  log "== Anchor B (b, c): Haraka (nodes=$HARAKA_NODES)"
+  [[ -x $HARAKA_BIN ]] || { log "Haraka not installed (run setup_deps.sh)"; return 1; }
+  start_sink
+  local case size
+  for case in b c; do
+    haraka_configure $case
+    haraka_start || return 1
+    SERVER_PIDS=("$HARAKA_PID")
+    for size in $SIZES; do
+      cell haraka $case "$size" $HARAKA_PORT "$PER_SESSION" --starttls "${AUTHARGS[@]}"
+    done
+    haraka_stop
+  done
+  stop_sink
+}
+
+anchor_mailrelay_b() {  # mailrelay signs every copy (DKIM), so its b is compared with the peers' b and c
+  log "== mailrelay (b) $("$MR_BIN/python" -c 'import mailrelay; print(mailrelay.__version__)') (1 process)"
+  start_sink
+  mailrelay_start || return 1
+  SERVER_PIDS=("$MR_PID")
+  local size
+  for size in $SIZES; do
+    cell mailrelay b "$size" $MR_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
+  done
+  stop_pid "$MR_PID" mailrelay
+  stop_sink
+}

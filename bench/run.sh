@@ -3,6 +3,7 @@
 #
 #   sudo bench/run.sh                      # mailrelay, postfix and haraka, 3 runs per cell
 #   RUNS=1 DURATION=8 SIZES=1024 bench/run.sh mailrelay postfix
+#   bench/run.sh mailrelay_b postfix_bc haraka_bc      # only the STARTTLS+AUTH (b) and +DKIM (c) cells
 #
 # It copies ../shared/bench (read-only) to $WORK, installs the peers there once (setup_deps.sh: Debian
 # packages, Haraka from npm), adds the mailrelay anchor (bench/mailrelay_anchor.sh) to the copy of
