@@ -8,21 +8,31 @@ MR_BIN=${MR_BIN:-$MR_ROOT/.venv/bin}
 MR_SUB=5587     # STARTTLS + AUTH (submission)
 MR_SMTPS=5465   # implicit TLS + AUTH (submissions)
 
+# One process uses one core: MR_PROCS processes (default: one per core) share the ports through
+# reusetcp: (SO_REUSEPORT) listeners and one database, each with its own data directory.
+MR_PROCS=${MR_PROCS:-$(nproc)}
+
 mailrelay_start() {
-  local dir=$RUN_DIR/mailrelay
+  local dir=$RUN_DIR/mailrelay i
   rm -rf "$dir"; mkdir -p "$dir"
-  cat > "$dir/mailrelay.toml" <<TOML
+  MR_PIDS=()
+  for ((i = 0; i < MR_PROCS; i++)); do
+    cat > "$dir/mailrelay-$i.toml" <<TOML
 [server]
 hostname = "relay.bench.local"
-data_dir = "$dir/data"
+data_dir = "$dir/data-$i"
 [listeners]
 smtp = []
-submission = ["tcp:$MR_SUB:interface=127.0.0.1"]
-submissions = ["tcp:$MR_SMTPS:interface=127.0.0.1"]
+submission = ["reusetcp:$MR_SUB:interface=127.0.0.1"]
+submissions = ["reusetcp:$MR_SMTPS:interface=127.0.0.1"]
 http = []
 [tls]
 certificate = "$RUN_DIR/tls/cert.pem"
 private_key = "$RUN_DIR/tls/key.pem"
+[database]
+url = "sqlite:///$dir/mailrelay.sqlite3"
+[tracking]
+secret = "bench-tracking-secret-shared-by-all-processes"
 [smtp]
 max_connections_per_ip = 1000
 [delivery]
@@ -32,27 +42,39 @@ smarthost_tls = "none"
 # connections (concurrency_max); 50 sits between them.
 concurrency_per_destination = 50
 TOML
-  local mr=("$MR_BIN/mailrelay" --config "$dir/mailrelay.toml")
+  done
+  local mr=("$MR_BIN/mailrelay" --config "$dir/mailrelay-0.toml")
   echo "$BENCH_PASS" | "${mr[@]}" account create "$BENCH_USER" > /dev/null
   "${mr[@]}" domain add "$BENCH_USER" "${SENDER#*@}" > /dev/null
   "${mr[@]}" domain verify "${SENDER#*@}" --force > /dev/null
-  "$MR_BIN/twistd" -n --pidfile= --logfile="$dir/twistd.log" mailrelay --config "$dir/mailrelay.toml" &
-  MR_PID=$!; STARTED_PIDS+=("$MR_PID")
+  for ((i = 0; i < MR_PROCS; i++)); do
+    "$MR_BIN/twistd" -n --pidfile= --logfile="$dir/twistd-$i.log" mailrelay --config "$dir/mailrelay-$i.toml" &
+    MR_PIDS+=($!); STARTED_PIDS+=($!)
+  done
+  for ((i = 0; i < MR_PROCS; i++)); do
+    local t
+    for ((t = 0; t < 600; t++)); do [[ -s $dir/data-$i/listeners.json ]] && break; sleep 0.1; done
+  done
   wait_port 127.0.0.1 $MR_SUB 60
 }
 
+mailrelay_stop() {
+  local pid
+  for pid in "${MR_PIDS[@]}"; do stop_pid "$pid" mailrelay; done
+}
+
 anchor_mailrelay() {
-  log "== mailrelay $("$MR_BIN/python" -c 'import mailrelay; print(mailrelay.__version__)') (1 process)"
+  log "== mailrelay $("$MR_BIN/python" -c 'import mailrelay; print(mailrelay.__version__)') ($MR_PROCS processes)"
   start_sink
   mailrelay_start || return 1
-  SERVER_PIDS=("$MR_PID")
+  SERVER_PIDS=("${MR_PIDS[@]}")
   local size
   for size in $SIZES; do
     cell mailrelay b "$size" $MR_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
   done
   cell mailrelay c465 1024 $MR_SMTPS "$PER_SESSION" --tls "${AUTHARGS[@]}"
   cell mailrelay b-m1 1024 $MR_SUB 1 --starttls "${AUTHARGS[@]}"
-  stop_pid "$MR_PID" mailrelay
+  mailrelay_stop
   stop_sink
 }
 
@@ -91,14 +113,14 @@ anchor_haraka_bc() {
 }
 
 anchor_mailrelay_b() {  # mailrelay signs every copy (DKIM), so its b is compared with the peers' b and c
-  log "== mailrelay (b) $("$MR_BIN/python" -c 'import mailrelay; print(mailrelay.__version__)') (1 process)"
+  log "== mailrelay (b) $("$MR_BIN/python" -c 'import mailrelay; print(mailrelay.__version__)') ($MR_PROCS processes)"
   start_sink
   mailrelay_start || return 1
-  SERVER_PIDS=("$MR_PID")
+  SERVER_PIDS=("${MR_PIDS[@]}")
   local size
   for size in $SIZES; do
     cell mailrelay b "$size" $MR_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
   done
-  stop_pid "$MR_PID" mailrelay
+  mailrelay_stop
   stop_sink
 }

@@ -2,7 +2,7 @@
 """
 mailrelay's rates as ratios to each peer measured in the same run.
 
-Reads a raw JSON-lines file written by run_anchors.sh (one line per run) and prints, per case and
+Reads raw JSON-lines files written by run_anchors.sh (one line per run) and prints, per case and
 message size, the medians of accepted msg/s, p50/p99 latency and end-to-end delivered msg/s, with
 mailrelay / peer ratios.
 """
@@ -17,12 +17,13 @@ from collections import defaultdict
 PEERS = ("postfix", "haraka")
 
 
-def main(path: str) -> None:
+def main(paths: list[str]) -> None:
     cells: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            cells[(r["anchor"], r["case"], int(r.get("size", 0)))].append(r)
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                cells[(r["anchor"], r["case"], int(r.get("size", 0)))].append(r)
 
     def med(rows: list[dict], key: str, sub: str | None = None) -> float | None:
         values = [(r.get(key) or {}).get(sub) if sub else r.get(key) for r in rows]
@@ -66,4 +67,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

@@ -1,0 +1,3 @@
+from mailrelay.reuseport import ReusePortParser
+
+reusetcp = ReusePortParser()
