@@ -480,3 +480,41 @@ class PolicyHeadersTests(SynchronousTestCase):
                 parse_control_headers(name + data + b"\r\n")
             except ControlHeaderError:
                 pass
+
+
+class PolicyFastPathTests(SynchronousTestCase):
+    """The regex fast path for plain address headers agrees with the email package, which reads the rest."""
+
+    def test_same_answers(self) -> None:
+        """Plain, quoted, bare, commented, encoded, grouped and broken From values give the same results both ways."""
+        import mailrelay.processing.controls as controls
+
+        values = [
+            b"Shop <sender@example.com>",
+            b"sender@example.com",
+            b'"Shop, Inc." <sender@example.com>',
+            b"Shop (the best) <sender@example.com>",
+            b"=?utf-8?q?Caf=C3=A9?= <cafe@example.com>",
+            b"Shop <a@example.com>, Other <b@example.com>",
+            b"undisclosed:;",
+            b"Shop <not an address>",
+            b"  Shop   Name  <sender@sub.example.com>  ",
+            b"Shop <sender@example.com",
+        ]
+        for value in values:
+            block = b"From: " + value + b"\r\nTo: x@example.net\r\nReply-To: " + value + b"\r\nSubject: Hi\r\n"
+            fast = self._result(lambda: parse_policy_headers(block))
+            original = controls._simple_address
+            controls._simple_address = lambda v: None  # type: ignore[assignment]
+            try:
+                slow = self._result(lambda: parse_policy_headers(block))
+            finally:
+                controls._simple_address = original
+            self.assertEqual(fast, slow, value)
+
+    def _result(self, fn: object) -> object:
+        try:
+            h = fn()  # type: ignore[operator]
+        except PolicyHeaderError as e:
+            return str(e.reply)
+        return (h.from_address, h.from_domain, h.reply_to, h.reply_to_valid, h.subject)

@@ -595,43 +595,83 @@ def _addresses(header: object) -> tuple[list[str], bool]:
     return out, ok
 
 
+# A plain address header: ``Display Name <local@domain>`` or a bare ``local@domain`` in ASCII, with no
+# comment, group, quoted pair or encoded word.  Most mail's From and Reply-To look like this, and reading
+# them with one regex instead of the email package's address parser halves the policy's cost.
+_SIMPLE_ADDRESS = re.compile(
+    r'^\s*(?:(?:[A-Za-z0-9!#$%&\'*+/=?^_`{|}~ .-]*|"[^"\\\r\n=]*")\s*<([^<>\s(),;:"\\]+@[^<>\s(),;:"\\]+)>'
+    r'|([^<>\s(),;:"\\]+@[^<>\s(),;:"\\]+))\s*$'
+)
+
+
+def _simple_address(value: bytes) -> str | None:
+    """The address of a plain one-address header value, or None when the email package must read it."""
+    try:
+        text = value.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    match = _SIMPLE_ADDRESS.match(text)
+    if match is None or "=?" in text:
+        return None
+    address = match.group(1) or match.group(2)
+    return address if is_valid_address(address) else None
+
+
 def _parse_policy_headers(header_block: bytes) -> PolicyHeaders:
     raw: dict[str, Field] = {}
-    wanted: list[bytes] = []
+    fields: dict[str, list[Field]] = {}
     for field in parse_fields(header_block):
         if field.name:
             raw.setdefault(field.lname, field)
             if field.lname in _PARSED:
-                wanted.append(field.raw)
-    # Only the fields whose structure matters go through the (slow) email package: address
-    # parsing of every header costed ~250 us a message; presence checks use the raw fields.
-    message = _PARSER.parsestr(b"".join(wanted).decode("utf-8", "surrogateescape"), headersonly=True)
-    froms = message.get_all("From") or []
+                fields.setdefault(field.lname, []).append(field)
+    froms = fields.get("from", [])
     if not froms:
         raise PolicyHeaderError("5.6.0", "Message must have a From header")
     if len(froms) > 1:
         raise PolicyHeaderError("5.6.0", "Message has more than one From header")
-    senders, ok = _addresses(froms[0])
-    if not senders:
-        raise PolicyHeaderError("5.1.7", "From header has no address")
-    if len(senders) > 1:
-        raise PolicyHeaderError("5.1.7", "From header must have exactly one address")
-    if not ok:
-        raise PolicyHeaderError("5.1.7", f"Invalid From address: {_printable(senders[0])}")
-    sender = senders[0]
+    fast_from = _simple_address(froms[0].value)
+    fast_reply = [_simple_address(f.value) for f in fields.get("reply-to", [])]
+    subject_field = fields.get("subject", [None])[0]
+    fast_subject = subject_field is not None and b"=?" not in subject_field.raw and subject_field.raw.isascii()
+    # Only what the fast path could not read goes through the (slow) email package.
+    wanted = [f.raw for name in ("from", "reply-to", "subject") for f in fields.get(name, [])
+              if not ((name == "from" and fast_from) or (name == "reply-to" and all(fast_reply))
+                      or (name == "subject" and fast_subject))]
+    message = _PARSER.parsestr(b"".join(wanted).decode("utf-8", "surrogateescape"), headersonly=True)
+
+    if fast_from:
+        sender = fast_from
+    else:
+        senders, ok = _addresses((message.get_all("From") or [None])[0])
+        if not senders:
+            raise PolicyHeaderError("5.1.7", "From header has no address")
+        if len(senders) > 1:
+            raise PolicyHeaderError("5.1.7", "From header must have exactly one address")
+        if not ok:
+            raise PolicyHeaderError("5.1.7", f"Invalid From address: {_printable(senders[0])}")
+        sender = senders[0]
 
     reply_to: list[str] = []
     reply_ok = True
-    for header in message.get_all("Reply-To") or []:
-        found, ok = _addresses(header)
-        reply_to.extend(found)
-        reply_ok = reply_ok and ok and bool(found)
+    if fast_reply and all(fast_reply):
+        reply_to = [a for a in fast_reply if a]
+    else:
+        for header in message.get_all("Reply-To") or []:
+            found, ok = _addresses(header)
+            reply_to.extend(found)
+            reply_ok = reply_ok and ok and bool(found)
 
     def single(name: str) -> str | None:
         field = raw.get(name)
         return field.value.decode("utf-8", "replace") or None if field else None
 
-    subject = message.get("Subject")
+    if subject_field is None:
+        subject = None
+    elif fast_subject:
+        subject = subject_field.value.decode("ascii")
+    else:
+        subject = message.get("Subject")
     date = single("date")
     try:
         date_valid = date is not None and email.utils.parsedate_to_datetime(date) is not None
