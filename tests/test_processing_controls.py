@@ -503,11 +503,11 @@ class PolicyFastPathTests(SynchronousTestCase):
         ]
         for value in values:
             block = b"From: " + value + b"\r\nTo: x@example.net\r\nReply-To: " + value + b"\r\nSubject: Hi\r\n"
-            fast = self._result(lambda: parse_policy_headers(block))
+            fast = self._result(lambda block=block: parse_policy_headers(block))
             original = controls._simple_address
             controls._simple_address = lambda v: None  # type: ignore[assignment]
             try:
-                slow = self._result(lambda: parse_policy_headers(block))
+                slow = self._result(lambda block=block: parse_policy_headers(block))
             finally:
                 controls._simple_address = original
             self.assertEqual(fast, slow, value)
