@@ -118,6 +118,14 @@ class DomainsConfig:
 
 
 @attrs.frozen
+class WebhooksConfig:
+    # Webhook URLs on loopback or private networks are refused unless allowed (a relay must not be
+    # turned into a probe of its own network); allow them for an on-premises receiver.
+    allow_private: bool = False
+    retry_base: float = 30.0
+
+
+@attrs.frozen
 class Config:
     source: str
     server: ServerConfig
@@ -129,6 +137,7 @@ class Config:
     delivery: DeliveryConfig
     tracking: TrackingConfig
     domains: DomainsConfig
+    webhooks: WebhooksConfig = WebhooksConfig()
 
 
 def _check_endpoint(description: str) -> str | None:
@@ -246,7 +255,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
 
 def parse_config(doc: Mapping[str, Any], source: str, base: Path) -> Config:
     """Validate an already parsed TOML document; relative paths are taken from ``base``."""
-    known = {"server", "listeners", "tls", "database", "dns", "smtp", "delivery", "tracking", "domains"}
+    known = {"server", "listeners", "tls", "database", "dns", "smtp", "delivery", "tracking", "domains", "webhooks"}
     for name in doc:
         if name not in known:
             raise ConfigError(source, name, "unknown section")
@@ -379,8 +388,13 @@ def parse_config(doc: Mapping[str, Any], source: str, base: Path) -> Config:
     )
     r.finish()
 
+    r = _section(source, doc, "webhooks")
+    webhooks = WebhooksConfig(allow_private=r.get("allow_private", bool, False),
+                              retry_base=r.positive("retry_base", float, 30.0))
+    r.finish()
+
     return Config(source=source, server=server, listeners=listeners, tls=tls, database=database,
-                  dns=dns, smtp=smtp, delivery=delivery, tracking=tracking, domains=domains)
+                  dns=dns, smtp=smtp, delivery=delivery, tracking=tracking, domains=domains, webhooks=webhooks)
 
 
 def _timeout(r: _Reader, name: str, default: float) -> float:

@@ -220,9 +220,10 @@ def _add_web(relay: RelayService) -> None:
     _feed_metrics(relay, metrics)
     webhooks = Webhooks(store.pool, reactor)
     http = AgentClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
-    dispatcher = WebhookDispatcher(webhooks, http, reactor, metrics)
+    dispatcher = WebhookDispatcher(webhooks, http, reactor, metrics, retry_base=config.webhooks.retry_base)
     sink = relay.event_sink  # type: ignore[attr-defined]
     sink.subscribe(dispatcher.receive)
+    relay.startup_steps.append(dispatcher.start)  # endpoints resume from their durable cursors
 
     def records(d: SendingDomain) -> tuple[dkim.DNSRecord, ...]:
         return dkim.sending_domain_records(d.domain, d.dkim_selector, d.dkim_private_key, d.dkim_ed25519_key,
@@ -234,12 +235,13 @@ def _add_web(relay: RelayService) -> None:
         domain_records=records, dispatcher=dispatcher,
         dkim_keygen=functools.partial(deferToThreadPool, reactor, reactor.getThreadPool(), dkim.generate_rsa_key),
         recipients=StoreRecipientLookup(store.pool), injection_user=config.smtp.injection_user,
+        allow_private_webhooks=config.webhooks.allow_private,
     )
     for description in config.listeners.http:
         relay.add_listener("http", description, site)
 
     async def stop() -> None:
-        dispatcher.stop()
+        await dispatcher.stop()  # releases the endpoints' leases before the pool closes
         await site.resource.tracker.drain()
 
     relay.shutdown_steps.append(stop)

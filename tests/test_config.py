@@ -105,3 +105,10 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn(
             "delivery.retry_max: must not be smaller", self.error("[delivery]\nretry_min = 100\nretry_max = 10\n")
         )
+
+    def test_webhooks(self) -> None:
+        """[webhooks] defaults to refusing private URLs; values are read and checked."""
+        self.assertFalse(parse_config({}, "m.toml", Path("/")).webhooks.allow_private)
+        config = load_config(self.write("[webhooks]\nallow_private = true\nretry_base = 2\n"))
+        self.assertEqual((config.webhooks.allow_private, config.webhooks.retry_base), (True, 2.0))
+        self.assertIn("webhooks.retry_base: must be greater than 0", self.error("[webhooks]\nretry_base = 0\n"))

@@ -333,7 +333,7 @@ class SignatureTests(SynchronousTestCase):
 
 class UrlCheckTests(SynchronousTestCase):
     def test_urls(self) -> None:
-        """Public http(s) URLs pass; other schemes, credentials, and private or loopback hosts do not."""
+        """Public http(s) URLs pass; other schemes, credentials, private or loopback hosts (any spelling) do not."""
         self.assertEqual(check_url("https://hooks.example.com/x?y=1"), "https://hooks.example.com/x?y=1")
         for bad in (
             "ftp://example.com/",
@@ -342,6 +342,9 @@ class UrlCheckTests(SynchronousTestCase):
             "http://[::1]/",
             "http://169.254.169.254/latest",
             "http://192.168.0.1/",
+            "http://2130706433/",
+            "http://127.1/",
+            "http://0x7f000001/",
             "http://localhost/",
             "https:///x",
             "https://exa mple.com/",
@@ -481,7 +484,7 @@ class WebhookStorageTestsMixin:
             if attempts:
                 break
             await deferLater(reactor, 0.01, lambda: None)
-        dispatcher.stop()
+        await dispatcher.stop()
         t.assertEqual([(a["status"], a["events"], a["ok"]) for a in attempts], [(200, 2, True)])
         body, headers = receiver.received[0]
         t.assertTrue(
@@ -490,6 +493,85 @@ class WebhookStorageTestsMixin:
             )
         )  # type: ignore[attr-defined]
         t.assertEqual([e["type"] for e in json.loads(body)["events"]], ["delivered", "bounced"])
+
+    async def _durable_setup(self) -> tuple[Web, int, EventSink]:
+        """An account with one webhook (via the API) and a started sink, stopped at the test's end."""
+        web = await Web.create(self, self.engine)  # type: ignore[arg-type]
+        created = (await web.call("POST", "/webhooks", {"url": "https://hooks.example.com/in"})).json()
+        sink = EventSink(web.store.pool, reactor, reactor, os.path.abspath(self.mktemp()))  # type: ignore
+        await sink.start()
+        return web, int(created["id"]), sink
+
+    def _durable(self, web: Web, http: FakeHTTP) -> WebhookDispatcher:
+        return WebhookDispatcher(web.webhooks, http, reactor, batch_interval=0.01, retry_base=3600.0, jitter=lambda: 0)
+
+    async def _poll_until(self, condition: Any) -> None:
+        for _ in range(500):
+            if condition():
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        raise AssertionError("timed out")
+
+    async def test_undelivered_events_survive_a_restart(self) -> None:
+        """
+        A dispatcher stopped while its endpoint failed: a new one (a restart)
+        sends those events, in order, from the events table; once they are
+        acknowledged, a third sends nothing again.
+        """
+        t: Any = self
+        web, webhook_id, sink = await self._durable_setup()
+        down = FakeHTTP()
+        down.default = 503
+        first = self._durable(web, down)
+        sink.subscribe(first.receive)
+        for n, kind in enumerate((EventType.QUEUED, EventType.DELIVERED, EventType.OPENED)):
+            sink.emit(event(n, kind, account=web.account_id))
+        await sink.flush()
+        await self._poll_until(lambda: down.requests)
+        await first.stop()
+        sink.unsubscribe(first.receive)
+        t.assertEqual(len(down.requests), 1)  # the retry would come in an hour: the process ends first
+
+        up = FakeHTTP()
+        second = self._durable(web, up)
+        await second.start()
+        await self._poll_until(lambda: up.requests)
+        await self._poll_until(lambda: not second.pending(webhook_id))
+        await second.stop()
+        t.assertEqual([e["type"] for b in up.bodies() for e in b["events"]], ["queued", "delivered", "opened"])
+        t.assertEqual([e["id"] for e in up.bodies()[0]["events"]], [e["id"] for e in down.bodies()[0]["events"]])
+        stored = await web.webhooks.get(web.account_id, webhook_id)
+        newest = await web.store.pool.execute("t", "SELECT MAX(id) FROM events")
+        t.assertEqual(stored.cursor, int(newest[0][0]))
+
+        again = FakeHTTP()
+        third = self._durable(web, again)
+        await third.start()
+        await deferLater(reactor, 0.1, lambda: None)
+        await third.stop()
+        await sink.stop()
+        t.assertEqual(again.requests, [])
+
+    async def test_one_node_delivers_at_a_time(self) -> None:
+        """While one dispatcher holds an endpoint's lease, another sharing the database sends nothing."""
+        t: Any = self
+        web, _, sink = await self._durable_setup()
+        slow: Deferred[Any] = Deferred()
+        http_a, http_b = FakeHTTP(), FakeHTTP()
+        http_a.answers.append(slow)
+        a, b = self._durable(web, http_a), self._durable(web, http_b)
+        sink.subscribe(a.receive)
+        sink.subscribe(b.receive)
+        sink.emit(event(0, account=web.account_id))
+        await sink.flush()
+        await self._poll_until(lambda: http_a.requests or http_b.requests)
+        await deferLater(reactor, 0.1, lambda: None)
+        t.assertEqual(len(http_a.requests) + len(http_b.requests), 1)
+        slow.callback(FakeResponse(200))
+        await a.stop()
+        await b.stop()
+        await sink.stop()
+        t.assertEqual(len(http_a.requests) + len(http_b.requests), 1)
 
 
 class SQLiteWebhookStorageTests(WebhookStorageTestsMixin, TestCase):

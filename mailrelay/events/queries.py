@@ -64,7 +64,8 @@ class EventFilter:
     message_id: str | None = None
 
 
-def _stored(row: Row) -> StoredEvent:
+def stored_from_row(row: Row) -> StoredEvent:
+    """One ``events`` row (id, ts, account_id, type, ...) as a stored event; the webhooks read the same rows."""
     event = Event(
         type=EventType(row[3]),
         ts=float(row[1]),
@@ -136,7 +137,7 @@ class EventQueries:
         sql = _SELECT + (" WHERE " + " AND ".join(clauses) if clauses else "")
         sql += f" ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT ?"
         rows = await self._pool.execute("events_find", sql, (*args, limit + 1))
-        scanned = [_stored(r) for r in rows[:limit]]
+        scanned = [stored_from_row(r) for r in rows[:limit]]
         found = [s for s in scanned if where.tag is None or where.tag in s.event.tags]
         next_cursor = scanned[-1].id if len(rows) > limit else None
         return EventPage(events=tuple(found), cursor=next_cursor)
@@ -165,7 +166,7 @@ class EventQueries:
             _SELECT + " WHERE " + " AND ".join(clauses) + " ORDER BY ts, id LIMIT ?",
             (*args, MAX_LIMIT),
         )
-        return [_stored(r) for r in rows]
+        return [stored_from_row(r) for r in rows]
 
     async def newest_id(self) -> int:
         """The highest event id so far (0 when there is none)."""

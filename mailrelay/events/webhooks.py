@@ -20,9 +20,24 @@ success, it is marked *failing* in storage, its backlog is dropped, and it
 receives nothing until the account re-enables it through the API: a dead
 endpoint must not hold a day of events in every node's memory forever.
 
-The queue lives in memory: events accepted by the sink on this node are
-delivered by this node.  A restart loses what was waiting (see
-docs/api.md); every attempt is recorded in ``webhook_attempts``.
+Durability.  With a source that can read the events table
+(``DurableWebhookSource``: ``mailrelay.storage.webhooks.Webhooks`` is one),
+the dispatcher keeps nothing but a batch in flight in memory.  The sink
+stores every event before its subscribers see it, so an event reaching
+``receive`` only says "this account has new events": each endpoint reads
+what follows its cursor (``delivered_through``, the id of the last event it
+acknowledged) from the table, sends it, and moves the cursor on a 2xx.  A
+restart resumes from the cursors (``start()``), so what was not
+acknowledged is sent again: at least once, in order of event id, which is
+the order in which each message's events were stored.  A lease per endpoint
+(renewed before each attempt) lets one node of several sharing the
+database deliver to it; when a node dies, another takes over once its
+lease runs out.
+
+Without such a source (the unit tests' fakes) the queue lives in memory:
+events accepted by the sink on this node are delivered by this node, and a
+restart loses what was waiting.  Every attempt is recorded in
+``webhook_attempts``.
 """
 
 from __future__ import annotations
@@ -46,6 +61,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
 from mailrelay.events.model import Event
+from mailrelay.events.queries import stored_from_row
 from mailrelay.metrics import Metrics
 from mailrelay.storage.webhooks import Webhook
 
@@ -96,6 +112,33 @@ class WebhookSource(Protocol):
     async def record_attempt(
         self, webhook_id: int, ts: float, status: int | None, error: str | None, events: int
     ) -> None: ...
+
+
+class DurableWebhookSource(WebhookSource, Protocol):
+    """A source that also reads the events table and keeps each endpoint's cursor and lease."""
+
+    async def active(self) -> list[Webhook]: ...
+
+    async def events_after(
+        self, account_id: int, after_id: int, event_types: frozenset[str], limit: int
+    ) -> list[Any]: ...
+
+    async def claim(self, webhook_id: int, owner: str, until: float) -> int | None: ...
+
+    async def release(self, webhook_id: int, owner: str) -> None: ...
+
+    async def advance(self, webhook_id: int, event_id: int) -> None: ...
+
+
+def is_durable(source: WebhookSource) -> bool:
+    """Whether ``source`` can back durable delivery (see the module's docstring)."""
+    return all(callable(getattr(source, name, None)) for name in ("active", "events_after", "claim", "advance"))
+
+
+def stored_event(row: Sequence[Any]) -> tuple[int, Event]:
+    """An ``events_after`` row (``EVENT_ROW_COLUMNS``) as its id and its event."""
+    stored = stored_from_row(tuple(row))
+    return stored.id, stored.event
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -161,6 +204,10 @@ class _Endpoint:
     first_failure: float | None = None
     timer: IDelayedCall | None = None
     sending: bool = False
+    # Durable mode: the id of the last event acknowledged, of the last in ``batch``; whether more may follow.
+    cursor: int = 0
+    batch_last: int = 0
+    more: bool = False
 
 
 class WebhookDispatcher:
@@ -186,6 +233,8 @@ class WebhookDispatcher:
         max_backlog: int = 10000,
         cache_seconds: float = 30.0,
         jitter: Callable[[], float] = random.random,
+        lease_seconds: float = 120.0,
+        durable: bool | None = None,
     ) -> None:
         self._webhooks = webhooks
         self._http = http
@@ -200,6 +249,12 @@ class WebhookDispatcher:
         self.max_backlog = max_backlog
         self.cache_seconds = cache_seconds
         self._jitter = jitter
+        self.lease_seconds = lease_seconds
+        #: Durable delivery from the events table (the default when ``webhooks`` supports it).
+        self.durable = is_durable(webhooks) if durable is None else durable
+        self.node = uuid.uuid4().hex
+        self._started = False
+        self._running: set[Deferred[None]] = set()
         self._cache: dict[int, tuple[float, list[Webhook]]] = {}
         self._loading: dict[int, list[Event]] = {}
         self._endpoints: dict[int, _Endpoint] = {}
@@ -268,6 +323,9 @@ class WebhookDispatcher:
                 endpoint.webhook = fresh
 
     def _route(self, event: Event, hooks: list[Webhook]) -> None:
+        if self.durable:
+            self._wake(event, hooks)
+            return
         data: dict[str, Any] | None = None
         for hook in hooks:
             if hook.failing or not hook.wants(event.type.value):
@@ -287,11 +345,130 @@ class WebhookDispatcher:
                 self._dropped("backlog", 1)
             self._schedule(endpoint)
 
+    # -- durable delivery ------------------------------------------------------
+
+    async def start(self) -> None:
+        """
+        Resume every endpoint from its stored cursor (durable mode): what
+        a previous run did not get acknowledged is sent now.  Called once
+        storage is up; the first event received starts it otherwise.
+        """
+        if self._started or not self.durable:
+            return
+        self._started = True
+        source: DurableWebhookSource = self._webhooks  # type: ignore[assignment]
+        try:
+            hooks = await source.active()
+        except Exception:
+            self._started = False
+            log.failure("cannot read the webhooks to resume; retrying")
+            if not self._stopped:
+                self._load_timers[-1] = self._clock.callLater(5.0, lambda: ensureDeferred(self.start()))
+            return
+        for hook in hooks:
+            self._endpoint(hook)
+            self._schedule(self._endpoints[hook.id])
+
+    def _wake(self, event: Event, hooks: list[Webhook]) -> None:
+        """A stored event for these hooks: each endpoint that wants it reads the table soon."""
+        if not self._started:
+            ensureDeferred(self.start())
+        for hook in hooks:
+            if hook.failing or not hook.wants(event.type.value):
+                continue
+            self._schedule(self._endpoint(hook))
+
+    def _endpoint(self, hook: Webhook) -> _Endpoint:
+        endpoint = self._endpoints.get(hook.id)
+        if endpoint is None:
+            endpoint = self._endpoints[hook.id] = _Endpoint(hook, cursor=hook.cursor)
+        return endpoint
+
+    async def _fetch(self, endpoint: _Endpoint) -> bool:
+        """
+        Renew the lease and, without a batch, read the next one after the
+        cursor; False when there is nothing to send (or another node
+        delivers to this endpoint now).
+        """
+        source: DurableWebhookSource = self._webhooks  # type: ignore[assignment]
+        hook = endpoint.webhook
+        try:
+            stored = await source.claim(hook.id, self.node, self._clock.seconds() + self.lease_seconds)
+        except Exception:
+            log.failure("cannot take the lease of webhook {id}; retrying", id=hook.id)
+            self._later(endpoint, 5.0)
+            return False
+        if stored is None:  # another node's lease: look again once it may have run out
+            self._drop_batch(endpoint)
+            self._later(endpoint, self.lease_seconds)
+            return False
+        if stored > endpoint.cursor:  # another node moved it on meanwhile
+            endpoint.cursor = stored
+            if endpoint.batch is not None and endpoint.batch_last <= stored:
+                self._drop_batch(endpoint)
+        if endpoint.batch is not None:
+            return True
+        try:
+            rows = await source.events_after(hook.account_id, endpoint.cursor, hook.event_types, self.max_batch)
+        except Exception:
+            log.failure("cannot read the events for webhook {id}; retrying", id=hook.id)
+            self._later(endpoint, 5.0)
+            return False
+        if not rows:
+            return False
+        events = [stored_event(row) for row in rows]
+        endpoint.batch = [{"id": event_id(e), **e.to_json()} for _, e in events]
+        endpoint.batch_last = events[-1][0]
+        endpoint.more = len(rows) >= self.max_batch
+        endpoint.delivery_id = uuid.uuid4().hex
+        endpoint.attempts = 0
+        endpoint.first_failure = None
+        self._backlog(+len(events))
+        return True
+
+    def _drop_batch(self, endpoint: _Endpoint) -> None:
+        self._backlog(-len(endpoint.batch or []))
+        endpoint.batch = None
+
+    def _later(self, endpoint: _Endpoint, delay: float) -> None:
+        if not self._stopped and (endpoint.timer is None or not endpoint.timer.active()):
+            endpoint.timer = self._clock.callLater(delay, self._start, endpoint)
+
+    async def _durable_attempt(self, endpoint: _Endpoint) -> None:
+        try:
+            ready = await self._fetch(endpoint)
+        except Exception:
+            log.failure("webhook {id}: reading the next batch failed", id=endpoint.webhook.id)
+            ready = False
+        if not ready or self._stopped or self._endpoints.get(endpoint.webhook.id) is not endpoint:
+            endpoint.sending = False
+            if endpoint.more and not self._stopped:
+                endpoint.more = False
+                self._schedule(endpoint)
+            return
+        await self._attempt(endpoint)
+
+    async def _acknowledged(self, endpoint: _Endpoint) -> None:
+        """Move the stored cursor past the acknowledged batch; a failure here means a duplicate later, no loss."""
+        source: DurableWebhookSource = self._webhooks  # type: ignore[assignment]
+        try:
+            await source.advance(endpoint.webhook.id, endpoint.batch_last)
+        except Exception:
+            log.failure("cannot record webhook {id}'s position", id=endpoint.webhook.id)
+        endpoint.cursor = max(endpoint.cursor, endpoint.batch_last)
+
     # -- sending -------------------------------------------------------------
 
     def _schedule(self, endpoint: _Endpoint) -> None:
         if endpoint.sending or endpoint.batch is not None or self._stopped:
+            endpoint.more = True  # look again when the batch in flight is done
             return  # the batch in flight (or waiting for its retry) comes first
+        if self.durable:
+            if endpoint.timer is None or not endpoint.timer.active():
+                endpoint.timer = self._clock.callLater(
+                    0 if endpoint.more else self.batch_interval, self._start, endpoint
+                )
+            return
         if len(endpoint.queue) >= self.max_batch:
             if endpoint.timer is not None and endpoint.timer.active():
                 endpoint.timer.cancel()
@@ -304,6 +481,10 @@ class WebhookDispatcher:
         endpoint.timer = None
         if self._stopped or endpoint.sending:
             return
+        if self.durable:
+            endpoint.sending = True
+            self._track(ensureDeferred(self._durable_attempt(endpoint)))
+            return
         if endpoint.batch is None:
             if not endpoint.queue:
                 return
@@ -313,7 +494,19 @@ class WebhookDispatcher:
             endpoint.attempts = 0
             endpoint.first_failure = None
         endpoint.sending = True
-        ensureDeferred(self._attempt(endpoint))
+        self._track(ensureDeferred(self._attempt(endpoint)))
+
+    def _track(self, d: Deferred[None]) -> None:
+        """Remember work in flight, so that ``stop()`` can wait for it before storage closes."""
+        if d.called:
+            return
+        self._running.add(d)
+
+        def done(result: object) -> object:
+            self._running.discard(d)
+            return result
+
+        d.addBoth(done)
 
     async def _attempt(self, endpoint: _Endpoint) -> None:
         batch = endpoint.batch
@@ -346,6 +539,8 @@ class WebhookDispatcher:
         if self._metrics is not None:
             self._metrics.webhook_posts.labels(result=result).inc()
         await self._record(hook.id, now, status, error, len(batch))
+        if error is None and self.durable:
+            await self._acknowledged(endpoint)
         endpoint.sending = False
         if self._stopped or self._endpoints.get(hook.id) is not endpoint:
             return
@@ -436,8 +631,13 @@ class WebhookDispatcher:
             return 0
         return len(endpoint.queue) + len(endpoint.batch or [])
 
-    def stop(self) -> None:
-        """Cancel every timer; batches in flight finish but nothing new starts."""
+    def stop(self) -> Deferred[None]:
+        """
+        Cancel every timer; batches in flight finish but nothing new
+        starts.  The returned Deferred fires once they did and, in durable
+        mode, the leases were given back (another node can take over at
+        once): wait for it before closing storage.
+        """
         self._stopped = True
         for endpoint in self._endpoints.values():
             if endpoint.timer is not None and endpoint.timer.active():
@@ -447,3 +647,19 @@ class WebhookDispatcher:
             if timer.active():
                 timer.cancel()
         self._load_timers.clear()
+        return ensureDeferred(self._release_all())
+
+    async def _release_all(self) -> None:
+        for d in list(self._running):
+            try:
+                await d
+            except Exception:
+                log.failure("webhook delivery failed while stopping")
+        if not self.durable:
+            return
+        source: DurableWebhookSource = self._webhooks  # type: ignore[assignment]
+        for webhook_id in list(self._endpoints):
+            try:
+                await source.release(webhook_id, self.node)
+            except Exception:
+                log.failure("cannot give back the lease of webhook {id}", id=webhook_id)

@@ -1066,8 +1066,12 @@ class QueueManager:
         env = message.envelope
         if env.get("route", "deliver") != "deliver" or env.get("dsn") or env.get("account_id") is None:
             return
+        queued = RecipientState()
         for rcpt in message.recipients:
             self._event(message, EventType.QUEUED, rcpt, {"size": message.size})
+            # The recipient's row exists from acceptance on: a tracking pixel, a click or a one-click
+            # unsubscribe right after delivery (prefetching proxies are fast) must find its recipient.
+            self._row(message, rcpt, "queued", queued)
 
     def _event(self, message: SpooledMessage, kind: EventType, recipient: str, detail: dict[str, Any]) -> None:
         env = message.envelope

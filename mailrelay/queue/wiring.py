@@ -181,7 +181,7 @@ class QueueService:
             self.secret,
             RenderSettings(config.server.hostname, config.domains.bounce_domain, config.tracking.base_url),
         )
-        self.records = RecipientRecords(store.pool, reactor)
+        self.records = RecipientRecords(store.pool, reactor, interval=0.25)
         self.manager = QueueManager(
             clock=reactor,
             spool=spool,

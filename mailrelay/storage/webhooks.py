@@ -1,6 +1,13 @@
 """
 Webhook endpoints per account, and the record of every delivery attempt.
 
+Each endpoint also keeps its place in the ``events`` table
+(``delivered_through``: the last event it acknowledged) and a lease naming
+the node that delivers to it: events are stored before anyone sees them,
+so the dispatcher reads what an endpoint still needs from the table, and a
+restart (or another node taking over) resumes where the acknowledgements
+stopped instead of losing what was waiting in memory.
+
 The signing secret is stored as given (not hashed): the relay needs it to
 sign every POST.  It is shown to the account owner once, when the webhook
 is created or its secret rotated, and never listed again.
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import ipaddress
+import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -34,7 +42,12 @@ EVENT_TYPES = (
 )
 MAX_URL_LENGTH = 2000
 
-_COLUMNS = "id, account_id, url, event_types, secret, failing, created_at"
+_COLUMNS = "id, account_id, url, event_types, secret, failing, created_at, delivered_through"
+#: The columns of an event row as ``events_after`` returns them.
+EVENT_ROW_COLUMNS = (
+    "id, ts, account_id, type, queue_id, message_id, transmission_id, recipient, campaign_id, tags, detail"
+)
+_MAX_EVENT_ID = "(SELECT COALESCE(MAX(id), 0) FROM events)"
 _ATTEMPT_COLUMNS = "a.id, a.webhook_id, a.ts, a.status, a.error, a.events"
 
 
@@ -53,6 +66,8 @@ class Webhook:
     secret: str = attrs.field(repr=False)
     failing: bool
     created_at: float
+    #: The id of the last event the endpoint acknowledged (or was skipped past).
+    cursor: int = 0
 
     def wants(self, event_type: str) -> bool:
         return not self.event_types or event_type in self.event_types
@@ -79,6 +94,7 @@ def _webhook(row: Row) -> Webhook:
         secret=row[4],
         failing=bool(row[5]),
         created_at=float(row[6]),
+        cursor=int(row[7] or 0),
     )
 
 
@@ -120,10 +136,14 @@ def check_url(url: str, allow_private: bool = False) -> str:
         if host == "localhost" or host.endswith(".localhost"):
             raise StorageError("the webhook URL points at this machine")
         try:
-            address = ipaddress.ip_address(host)
+            address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
         except ValueError:
-            pass
-        else:
+            # What the resolver would still read as an IPv4 literal: 127.1, 2130706433, 0x7f000001.
+            try:
+                address = ipaddress.IPv4Address(socket.inet_aton(host))
+            except OSError:
+                address = None
+        if address is not None:
             if not address.is_global:
                 raise StorageError(f"the webhook URL points at a non-public address ({host})")
     return url
@@ -138,8 +158,10 @@ class Webhooks:
         types = " ".join(sorted(check_event_types(event_types)))
 
         async def txn_fn(txn: Transaction) -> int:
+            # A new endpoint starts at the present: it gets the events recorded after it was made.
             return await txn.insert(
-                "INSERT INTO webhooks (account_id, url, event_types, secret, created_at) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO webhooks (account_id, url, event_types, secret, created_at, delivered_through)"
+                f" VALUES (?, ?, ?, ?, ?, {_MAX_EVENT_ID})",
                 (account_id, url, types, secret, self._clock.seconds()),
             )
 
@@ -184,6 +206,9 @@ class Webhooks:
             changes["failing"] = failing
         if changes:
             assignments = ", ".join(f"{key} = ?" for key in changes)
+            if failing is not None:
+                # Failing drops the backlog, and a re-enabled endpoint starts at the present.
+                assignments += f", delivered_through = {_MAX_EVENT_ID}"
             await self._pool.execute(
                 "webhook_update",
                 f"UPDATE webhooks SET {assignments} WHERE id = ? AND account_id = ?",
@@ -194,7 +219,67 @@ class Webhooks:
     async def set_failing(self, webhook_id: int, failing: bool) -> None:
         """Mark an endpoint failing (by the dispatcher, which knows only its id)."""
         await self._pool.execute(
-            "webhook_failing", "UPDATE webhooks SET failing = ? WHERE id = ?", (failing, webhook_id)
+            "webhook_failing",
+            f"UPDATE webhooks SET failing = ?, delivered_through = {_MAX_EVENT_ID} WHERE id = ?",
+            (failing, webhook_id),
+        )
+
+    async def active(self) -> builtins.list[Webhook]:
+        """Every endpoint not failing, of every account: what a starting dispatcher resumes."""
+        rows = await self._pool.execute(
+            "webhook_active", f"SELECT {_COLUMNS} FROM webhooks WHERE failing = ? ORDER BY id", (False,)
+        )
+        return [_webhook(r) for r in rows]
+
+    async def events_after(
+        self, account_id: int, after_id: int, event_types: frozenset[str], limit: int
+    ) -> builtins.list[Row]:
+        """
+        The account's stored events with an id above ``after_id`` (of
+        ``event_types``, or all when empty), oldest first: rows of
+        ``EVENT_ROW_COLUMNS``.
+        """
+        sql = f"SELECT {EVENT_ROW_COLUMNS} FROM events WHERE account_id = ? AND id > ?"
+        args: builtins.list[object] = [account_id, after_id]
+        if event_types:
+            sql += f" AND type IN ({', '.join('?' * len(event_types))})"
+            args.extend(sorted(event_types))
+        return await self._pool.execute("webhook_events_after", sql + " ORDER BY id LIMIT ?", [*args, limit])
+
+    async def claim(self, webhook_id: int, owner: str, until: float) -> int | None:
+        """
+        Take or renew the delivery lease of ``webhook_id`` for ``owner``
+        until ``until``: the endpoint's stored cursor, or None while another
+        node's lease runs (or the endpoint is failing or gone).
+        """
+
+        async def txn_fn(txn: Transaction) -> int | None:
+            changed = await txn.update(
+                "UPDATE webhooks SET lease_owner = ?, lease_until = ? WHERE id = ? AND failing = ?"
+                " AND (lease_owner IS NULL OR lease_owner = ? OR lease_until < ?)",
+                (owner, until, webhook_id, False, owner, self._clock.seconds()),
+            )
+            if not changed:
+                return None
+            rows = await txn.execute("SELECT delivered_through FROM webhooks WHERE id = ?", (webhook_id,))
+            return int(rows[0][0]) if rows else None
+
+        return await self._pool.interaction("webhook_claim", txn_fn)
+
+    async def release(self, webhook_id: int, owner: str) -> None:
+        """Give up the lease at shutdown, so another node need not wait for it to run out."""
+        await self._pool.execute(
+            "webhook_release",
+            "UPDATE webhooks SET lease_owner = NULL, lease_until = 0 WHERE id = ? AND lease_owner = ?",
+            (webhook_id, owner),
+        )
+
+    async def advance(self, webhook_id: int, event_id: int) -> None:
+        """Record that the endpoint acknowledged every event up to ``event_id`` (never moves back)."""
+        await self._pool.execute(
+            "webhook_advance",
+            "UPDATE webhooks SET delivered_through = ? WHERE id = ? AND delivered_through < ?",
+            (event_id, webhook_id, event_id),
         )
 
     async def delete(self, account_id: int, webhook_id: int) -> None:
