@@ -324,6 +324,13 @@ def _feed_metrics(relay: RelayService, metrics: Any) -> None:
 
     relay.event_sink.subscribe(on_event)  # type: ignore[attr-defined]
 
+    queue = getattr(relay, "queue", None)
+    if queue is not None:
+        def activity(destination: str, change: int) -> None:
+            (metrics.connection_opened if change > 0 else metrics.connection_closed)(destination)
+
+        queue.manager.activity = activity
+
     submission = getattr(relay, "submission", None)
     if submission is None:
         return

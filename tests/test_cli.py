@@ -162,6 +162,31 @@ class CLITestsMixin:
         error = await self.cli("suppression", "add", "shop", "x@x.com", "--expires", "soon", code=1)
         self.assertIn("--expires", error["error"])  # type: ignore[attr-defined]
 
+    async def test_webhooks(self) -> None:
+        """webhook list and attempts show an account's endpoints and delivery attempts, never the secret."""
+        from mailrelay.storage.store import open_store
+        from mailrelay.storage.webhooks import Webhooks
+
+        await self.cli("account", "create", "shop", "--no-password")
+        await self.cli("account", "create", "other", "--no-password")
+        account = (await self.cli("account", "show", "shop"))["id"]
+        store = await open_store(self.url, reactor, pool_size=1)
+        try:
+            hooks = Webhooks(store.pool, reactor)
+            hook = await hooks.create(account, "https://hooks.example.com/in", "s3cret-value-1234567890")
+            await hooks.record_attempt(hook.id, 1_800_000_000.0, 500, "HTTP 500", 3)
+            await hooks.record_attempt(hook.id, 1_800_000_060.0, 200, None, 3)
+        finally:
+            await store.close()
+        listed = await self.cli("webhook", "list", "shop")
+        self.assertEqual([w["url"] for w in listed], ["https://hooks.example.com/in"])  # type: ignore[attr-defined]
+        self.assertNotIn("s3cret", json.dumps(listed))  # type: ignore[attr-defined]
+        attempts = await self.cli("webhook", "attempts", "shop", str(hook.id))
+        self.assertEqual([(a["status"], a["error"]) for a in attempts],  # type: ignore[attr-defined]
+                         [(200, None), (500, "HTTP 500")])
+        error = await self.cli("webhook", "attempts", "other", str(hook.id), code=1)
+        self.assertIn("no webhook", error["error"])  # type: ignore[attr-defined]
+
     async def test_migrate(self) -> None:
         """migrate reports the schema version and is idempotent."""
         result = await self.cli("migrate")

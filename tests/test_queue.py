@@ -447,6 +447,15 @@ class ManagerDeliveryTests(SynchronousTestCase):
              (qid, 0, "a@example.net", "delivered", 1), (qid, 1, "fail-b@example.net", "bounced", 1)],
         )
 
+    def test_activity_hook(self) -> None:
+        """The activity hook hears each delivery to a destination start and end (the connections metric)."""
+        h = Harness()
+        seen: list[tuple[str, int]] = []
+        h.manager.activity = lambda key, change: seen.append((key, change))
+        h.start()
+        h.submit(["a@example.net"])
+        self.assertEqual(seen, [("example.net", 1), ("example.net", -1)])
+
     def test_copy_on_the_wire(self) -> None:
         """The client gets one transaction per recipient, with the VERP sender and the rendered bytes."""
         h = Harness()

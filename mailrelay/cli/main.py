@@ -84,7 +84,7 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mailrelay.cli import accounts, content, domains, queue, reports
+    from mailrelay.cli import accounts, content, domains, queue, reports, webhooks
 
     parser = argparse.ArgumentParser(
         prog="mailrelay",
@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     content.register(nouns)
     reports.register(nouns)
     queue.register(nouns)
+    webhooks.register(nouns)
     return parser
 
 

@@ -287,6 +287,8 @@ class QueueManager:
         self.feedback = feedback
         self.rng = rng or random.Random()
         self.records = records
+        # Told (destination, +1 / -1) when a delivery to a destination starts and ends: metrics.
+        self.activity: Callable[[str, int], None] | None = None
         self._entries: dict[str, _Entry] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._seq = 0
@@ -631,6 +633,8 @@ class QueueManager:
             return
         dest.active += 1
         self._running += 1
+        if self.activity is not None:
+            self.activity(dest.key, 1)
         self._spawn(self._run_job(dest, job), f"delivery of {job.entry.queue_id}")
 
     async def _run_job(self, dest: Destination, job: _Job) -> None:
@@ -638,6 +642,8 @@ class QueueManager:
             results = await self._attempt(job)
         finally:
             dest.active -= 1
+            if self.activity is not None:
+                self.activity(dest.key, -1)
             self._running -= 1
         now = self.clock.seconds()
         failures = [r for r in results if is_connection_failure(r)]
