@@ -227,6 +227,12 @@ class ApiTestsMixin:
         t.assertEqual((await web.call("DELETE", "/lists/news-1/members/b%40example.com")).status, 404)
         t.assertEqual((await web.call("GET", "/lists/news-1")).json()["members"], 3)
         t.assertEqual(len((await web.call("GET", "/lists")).json()["data"]), 1)
+        renamed = await web.call("PATCH", "/lists/news-1", {"name": "Weekly news"})
+        t.assertEqual((renamed.status, renamed.json()["name"], renamed.json()["id"]), (200, "Weekly news", "news-1"))
+        await web.call("POST", "/lists", {"name": "Other", "id": "other-1"})
+        t.assertEqual((await web.call("PATCH", "/lists/other-1", {"name": "Weekly news"})).status, 409)
+        t.assertEqual((await web.call("PATCH", "/lists/news-1", {"name": ""})).status, 422)
+        t.assertEqual((await web.call("DELETE", "/lists/other-1")).status, 204)
         t.assertEqual((await web.call("DELETE", "/lists/news-1")).status, 204)
         t.assertEqual((await web.call("GET", "/lists/news-1")).status, 404)
 

@@ -118,6 +118,21 @@ class Lists:
                                         (list_id, after, limit))
         return [ListMember(address=r[0], name=r[1], added_at=float(r[2])) for r in rows]
 
+    async def rename(self, account_id: int, guid_or_name: str, name: str) -> MailingList:
+        """Give a list of this account a new name (its id, members and campaigns stay)."""
+        name = name.strip()
+        if not name:
+            raise StorageError("a list needs a name")
+        found = await self.get(account_id, guid_or_name)
+        if name != found.name:
+            taken = await self._pool.execute(
+                "list_name_taken", "SELECT id FROM lists WHERE account_id = ? AND name = ?", (account_id, name)
+            )
+            if taken:
+                raise Conflict(f"a list called {name!r} already exists")
+            await self._pool.execute("list_rename", "UPDATE lists SET name = ? WHERE id = ?", (name, found.id))
+        return await self.get(account_id, found.guid)
+
     async def delete(self, account_id: int, guid_or_name: str) -> MailingList:
         found = await self.get(account_id, guid_or_name)
         await self._pool.execute("list_delete_members", "DELETE FROM list_members WHERE list_id = ?", (found.id,))

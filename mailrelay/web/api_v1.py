@@ -166,6 +166,7 @@ class ApiV1:
         r.add("GET", "/lists", "lists:read", self.lists)
         r.add("POST", "/lists", "lists:write", self.create_list)
         r.add("GET", "/lists/{list}", "lists:read", self.get_list)
+        r.add("PATCH", "/lists/{list}", "lists:write", self.rename_list)
         r.add("DELETE", "/lists/{list}", "lists:write", self.delete_list)
         r.add("GET", "/lists/{list}/members", "lists:read", self.members)
         r.add("POST", "/lists/{list}/members", "lists:write", self.add_members)
@@ -472,6 +473,12 @@ class ApiV1:
 
     async def get_list(self, call: Call) -> Response:
         return Response(200, _list(await self.d.store.lists.get(call.account_id, call.params["list"])))
+
+    async def rename_list(self, call: Call) -> Response:
+        body = call.body()
+        body.only("name")
+        name = body.text("name", required=True, max_length=200) or ""
+        return Response(200, _list(await self.d.store.lists.rename(call.account_id, call.params["list"], name)))
 
     async def delete_list(self, call: Call) -> Response:
         await self.d.store.lists.delete(call.account_id, call.params["list"])
