@@ -370,36 +370,31 @@ class QueueControl:
     async def hold(
         self, queue_ids: Sequence[str] = (), all: bool = False, destination: str | None = None, dry_run: bool = False
     ) -> dict[str, Any]:
-        selected, missing = self._select(queue_ids, all, destination)
-        done = []
-        for qid in selected:
-            message = self.spool.get(qid)
-            if message is None or message.held:
-                continue
-            if not dry_run:
-                try:
-                    await self.manager.hold(qid)
-                except UnknownMessage:
-                    continue
-            done.append(qid)
-        return {"action": "hold", "queue_ids": done, "missing": missing, "dry_run": dry_run}
+        return await self._set_held("hold", True, queue_ids, all, destination, dry_run)
 
     async def release(
         self, queue_ids: Sequence[str] = (), all: bool = False, destination: str | None = None, dry_run: bool = False
     ) -> dict[str, Any]:
+        return await self._set_held("release", False, queue_ids, all, destination, dry_run)
+
+    async def _set_held(
+        self, action: str, held: bool, queue_ids: Sequence[str], all: bool, destination: str | None, dry_run: bool
+    ) -> dict[str, Any]:
+        """Hold or release the selected messages that are not already so."""
         selected, missing = self._select(queue_ids, all, destination)
+        change = self.manager.hold if held else self.manager.release
         done = []
         for qid in selected:
             message = self.spool.get(qid)
-            if message is None or not message.held:
+            if message is None or message.held == held:
                 continue
             if not dry_run:
                 try:
-                    await self.manager.release(qid)
+                    await change(qid)
                 except UnknownMessage:
                     continue
             done.append(qid)
-        return {"action": "release", "queue_ids": done, "missing": missing, "dry_run": dry_run}
+        return {"action": action, "queue_ids": done, "missing": missing, "dry_run": dry_run}
 
     async def delete(
         self,
