@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -402,8 +402,3 @@ def _timeout(r: _Reader, name: str, default: float) -> float:
     if value < 60:
         raise r.fail(name, "must be at least 60 seconds (RFC 5321 §4.5.3.2)")
     return value
-
-
-def with_overrides(config: Config, **sections: Callable[[Any], Any]) -> Config:
-    """A copy of ``config`` with each named section passed through a function (tests)."""
-    return attrs.evolve(config, **{name: fn(getattr(config, name)) for name, fn in sections.items()})

@@ -6,8 +6,6 @@ import argparse
 import getpass
 from typing import Any
 
-from twisted.internet.threads import deferToThread
-
 from mailrelay import secrets
 from mailrelay.cli.main import CLIError, Context, table
 from mailrelay.storage.accounts import SETTINGS
@@ -108,7 +106,7 @@ async def create_account(ctx: Context) -> None:
     password_hash = None
     if not ctx.args.no_password:
         password = await read_password(ctx, "Password: ")
-        password_hash = await deferToThread(secrets.hash_password, password)
+        password_hash = await ctx.in_thread(secrets.hash_password, password)
     account = await ctx.store.accounts.create(ctx.args.name, password_hash, parent=ctx.args.parent,
                                               daily_quota=ctx.args.daily_quota, approved=not ctx.args.unapproved)
     ctx.emit(account, describe(account))
@@ -149,6 +147,6 @@ async def set_account(ctx: Context) -> None:
 
 async def set_password(ctx: Context) -> None:
     password = await read_password(ctx, "New password: ")
-    hashed = await deferToThread(secrets.hash_password, password)
+    hashed = await ctx.in_thread(secrets.hash_password, password)
     account = await ctx.store.accounts.update(ctx.args.name, password_hash=hashed)
     ctx.emit({"account": account.login, "password": "changed"}, f"password of {account.login} changed")

@@ -9,8 +9,6 @@ from __future__ import annotations
 import secrets as stdlib_secrets
 from typing import Any
 
-from twisted.internet.threads import deferToThread
-
 from mailrelay import secrets
 from mailrelay.cli.main import CLIError, Context, table
 from mailrelay.config import Config
@@ -96,7 +94,7 @@ def _describe(config: Config, d: SendingDomain, account: str) -> tuple[dict[str,
 async def add_domain(ctx: Context) -> None:
     account = await ctx.account(ctx.args.account)
     selector = ctx.args.selector or "mr" + stdlib_secrets.token_hex(3)
-    rsa_key = (await deferToThread(dkim.generate_rsa_key)).decode("ascii")
+    rsa_key = (await ctx.in_thread(dkim.generate_rsa_key)).decode("ascii")
     ed_key = dkim.generate_ed25519_key().decode("ascii") if ctx.args.ed25519 else None
     d = await ctx.store.domains.add(account.id, ctx.args.domain, selector, rsa_key, ed_key)
     ctx.emit(*_describe(ctx.config, d, account.login))
@@ -131,7 +129,7 @@ async def verify_domain(ctx: Context) -> None:
         for record in _records(ctx.config, d):
             if not dkim.is_dkim_record(record):
                 continue
-            found = await deferToThread(_lookup_txt, ctx.config, record.name)
+            found = await ctx.in_thread(_lookup_txt, ctx.config, record.name)
             ok = found is not None and any(_same_txt("".join(record.strings), value) for value in found)
             checks.append({"name": record.name, "type": record.type, "purpose": record.purpose,
                            "required": True, "found": found, "ok": ok})

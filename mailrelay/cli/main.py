@@ -55,6 +55,12 @@ class Context:
             lines = [text] if isinstance(text, str) else list(text)
             self.stdout.write("\n".join(lines) + ("\n" if lines else ""))
 
+    def in_thread(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Blocking work (a password hash, a key, a DNS look-up) on the reactor's thread pool."""
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
+
     async def account(self, login: str) -> Any:
         return await self.store.accounts.get(login)
 

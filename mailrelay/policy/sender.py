@@ -13,7 +13,6 @@ from mailrelay.policy.directory import AccountFacts
 from mailrelay.types import Principal, Reply, SMTPReplyError
 
 ACCOUNT_NOT_ALLOWED = Reply(550, "5.7.1", "Account is not allowed to send")
-ACCOUNT_UNKNOWN = Reply(550, "5.7.1", "Account is not allowed to send")
 
 
 class Route(enum.Enum):

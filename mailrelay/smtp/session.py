@@ -56,7 +56,7 @@ from mailrelay.processing.controls import (
     parse_policy_headers,
 )
 from mailrelay.processing.headers import parse_fields
-from mailrelay.types import Envelope, MailParams, Principal, Reply, SessionInfo, SMTPReplyError, split_address
+from mailrelay.types import Envelope, MailParams, Principal, Reply, SessionInfo, SMTPReplyError, split_address, unique
 
 log = Logger()
 
@@ -258,7 +258,7 @@ class MessageReceiver:
         attribution = self.submission.attribution
         principal = self.session.principal
         if principal is None:
-            copies: tuple[tuple[str, str], ...] = tuple((r, "to") for r in _distinct(self.envelope.rcpt_to))
+            copies: tuple[tuple[str, str], ...] = tuple((r, "to") for r in unique(self.envelope.rcpt_to))
             self._start(header_block, copies, None)
         elif attribution is None:
             copies = tuple((c.address, c.role) for c in fan_out(self.envelope.rcpt_to, self.controls))
@@ -496,15 +496,6 @@ MESSAGE_COLUMNS = (
     "created_at",
 )
 
-
-def _distinct(addresses: tuple[str, ...]) -> tuple[str, ...]:
-    seen: set[str] = set()
-    out = []
-    for a in addresses:
-        if a.lower() not in seen:
-            seen.add(a.lower())
-            out.append(a)
-    return tuple(out)
 
 
 def _attribution_refs(

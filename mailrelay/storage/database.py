@@ -12,7 +12,6 @@ which engine they have, apart from ``pool.engine.name``.
 from __future__ import annotations
 
 import abc
-import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -327,8 +326,3 @@ def make_pool(url: str, reactor: IReactorCore | IReactorThreads | Any, size: int
     if parsed.engine == "sqlite":
         return SQLitePool(parsed, reactor)
     return PostgresPool(parsed, reactor, size=size)
-
-
-def sqlite_path_exists(url: str) -> bool:
-    parsed = parse_database_url(url)
-    return parsed.engine == "sqlite" and os.path.exists(parsed.path)
