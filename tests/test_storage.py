@@ -6,12 +6,17 @@ Each test class at the bottom binds the shared tests to one engine.
 
 from __future__ import annotations
 
+import sqlite3
+
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 from mailrelay import secrets
 from mailrelay.storage import migrations
-from mailrelay.storage.database import DatabaseUnavailable, make_pool
+from mailrelay.storage.campaigns import TRANSACTIONAL_CAMPAIGN
+from mailrelay.storage.database import DatabaseUnavailable, Transaction, make_pool
 from mailrelay.storage.errors import Conflict, NotFound, StorageError
+from mailrelay.storage.lists import TRANSACTIONAL_LIST
 from mailrelay.storage.migrations import SchemaTooNew
 from mailrelay.storage.store import Store, open_store
 from tests.support.db import fresh_database_url, fresh_store
@@ -149,6 +154,167 @@ class StorageTestsMixin:
         first = await store.campaigns.named(a.id, "Transactional Campaign")
         second = await store.campaigns.named(a.id, "Transactional Campaign")
         self.assertEqual(first.id, second.id)  # type: ignore[attr-defined]
+
+    async def stores_on_one_database(self, count: int) -> list[Store]:
+        """``count`` stores (as on several nodes) on one fresh, migrated database."""
+        from twisted.internet import reactor
+
+        url = fresh_database_url(self, self.engine)  # type: ignore[arg-type]
+        stores = []
+        for _ in range(count):
+            store = await open_store(url, reactor, pool_size=2)
+            self.addCleanup(lambda s=store: Deferred.fromCoroutine(s.close()))  # type: ignore[attr-defined]
+            stores.append(store)
+        return stores
+
+    async def test_transactional_campaign_concurrent_first_use(self) -> None:
+        """
+        Two nodes finding-or-creating an account's Transactional Campaign at
+        once get the same campaign, and the account has exactly one.
+        """
+        first, second = await self.stores_on_one_database(2)
+        accounts = [await first.accounts.create(f"acct{n}", None) for n in range(5)]
+        calls = [
+            Deferred.fromCoroutine(store.campaigns.named(a.id, TRANSACTIONAL_CAMPAIGN))
+            for a in accounts
+            for store in (first, second)
+        ]
+        results = await gatherResults(calls)
+        for n, account in enumerate(accounts):
+            mine, theirs = results[2 * n], results[2 * n + 1]
+            self.assertEqual(mine.id, theirs.id)  # type: ignore[attr-defined]
+            self.assertEqual(mine.guid, theirs.guid)  # type: ignore[attr-defined]
+            self.assertEqual([c.id for c in await first.campaigns.list(account.id)], [mine.id])  # type: ignore[attr-defined]
+        again = await second.campaigns.named(accounts[0].id, TRANSACTIONAL_CAMPAIGN)
+        self.assertEqual(again.id, results[0].id)  # type: ignore[attr-defined]
+
+    async def test_transactional_list_concurrent_first_use(self) -> None:
+        """
+        Two nodes finding-or-creating an account's Transactional list at once
+        get the same list (no error from the losing insert), and there is one.
+        """
+        first, second = await self.stores_on_one_database(2)
+        accounts = [await first.accounts.create(f"acct{n}", None) for n in range(5)]
+        calls = [
+            Deferred.fromCoroutine(store.lists.get_or_create(a.id, TRANSACTIONAL_LIST))
+            for a in accounts
+            for store in (first, second)
+        ]
+        results = await gatherResults(calls)
+        for n, account in enumerate(accounts):
+            self.assertEqual(results[2 * n].id, results[2 * n + 1].id)  # type: ignore[attr-defined]
+            self.assertEqual([x.id for x in await second.lists.list(account.id)], [results[2 * n].id])  # type: ignore[attr-defined]
+
+    async def test_second_transactional_campaign_refused(self) -> None:
+        """Creating another campaign called "Transactional Campaign" is a Conflict, not a duplicate."""
+        store = await self.store()
+        a = await store.accounts.create("a", None)
+        existing = await store.campaigns.named(a.id, TRANSACTIONAL_CAMPAIGN)
+        with self.assertRaises(Conflict):  # type: ignore[attr-defined]
+            await store.campaigns.create(a.id, TRANSACTIONAL_CAMPAIGN, subject="Hi")
+        with self.assertRaises(Conflict):  # type: ignore[attr-defined]
+            await store.campaigns.create(a.id, "Other", guid=existing.guid)
+        self.assertEqual([c.id for c in await store.campaigns.list(a.id)], [existing.id])  # type: ignore[attr-defined]
+
+    async def test_migration_004_merges_duplicate_transactional_campaigns(self) -> None:
+        """
+        Migration 004 applied to a version-3 database with duplicate
+        Transactional Campaigns keeps the oldest of each account, points
+        messages, events and statistics of the others at it, and adds the
+        unique index.
+        """
+        from twisted.internet import reactor
+
+        url = fresh_database_url(self, self.engine)  # type: ignore[arg-type]
+        store = await open_store(url, reactor, pool_size=2, apply_migrations=False)
+        self.addCleanup(lambda: Deferred.fromCoroutine(store.close()))  # type: ignore[attr-defined]
+        await migrations.migrate(store.pool, target=3)
+        self.assertEqual(await migrations.schema_version(store.pool), 3)  # type: ignore[attr-defined]
+        ids: dict[str, int] = {}
+
+        async def seed(txn: Transaction) -> None:
+            for name in ("a", "b"):
+                ids[name] = await txn.insert("INSERT INTO accounts (name, created_at) VALUES (?, ?)", (name, 0.0))
+            campaign = "INSERT INTO campaigns (account_id, guid, name, subject, created_at) VALUES (?, ?, ?, ?, ?)"
+            for key, account, name, subject in [
+                ("a1", "a", TRANSACTIONAL_CAMPAIGN, None),
+                ("a2", "a", TRANSACTIONAL_CAMPAIGN, None),
+                ("b1", "b", TRANSACTIONAL_CAMPAIGN, None),
+                ("a3", "a", TRANSACTIONAL_CAMPAIGN, None),
+                ("a-other", "a", "Receipts", "Your receipt"),
+            ]:
+                ids[key] = await txn.insert(campaign, (ids[account], key, name, subject, 1.0))
+            for n, key in enumerate(["a1", "a2", "a3", "a-other", "b1"]):
+                await txn.execute(
+                    "INSERT INTO messages (queue_id, account_id, mail_from, campaign_id, size, recipients,"
+                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (f"q{n}", ids[key[0]], "s@example.com", ids[key], 10, 1, 2.0),
+                )
+                await txn.execute(
+                    "INSERT INTO events (ts, account_id, type, queue_id, campaign_id) VALUES (?, ?, ?, ?, ?)",
+                    (2.0, ids[key[0]], "queued", f"q{n}", ids[key]),
+                )
+            counts = [
+                ("a1", "sent", 1),
+                ("a2", "sent", 2),
+                ("a3", "sent", 4),
+                ("a3", "delivered", 3),
+                ("a-other", "sent", 7),
+                ("b1", "sent", 5),
+            ]
+            for key, metric, value in counts:
+                await txn.execute(
+                    "INSERT INTO daily_counts (account_id, day, dimension, metric, value) VALUES (?, ?, ?, ?, ?)",
+                    (ids[key[0]], "2026-01-01", f"campaign:{ids[key]}", metric, value),
+                )
+            await txn.execute(
+                "INSERT INTO daily_counts (account_id, day, dimension, metric, value) VALUES (?, ?, ?, ?, ?)",
+                (ids["a"], "2026-01-01", "", "sent", 14),
+            )
+
+        await store.pool.interaction("seed", seed)
+
+        applied = await migrations.migrate(store.pool)
+        self.assertEqual([m.version for m in applied], [4])  # type: ignore[attr-defined]
+        self.assertEqual(await migrations.schema_version(store.pool), migrations.latest_version())  # type: ignore[attr-defined]
+        self.assertEqual(  # type: ignore[attr-defined]
+            sorted(c.id for c in await store.campaigns.list(ids["a"])), sorted([ids["a1"], ids["a-other"]])
+        )
+        self.assertEqual([c.id for c in await store.campaigns.list(ids["b"])], [ids["b1"]])  # type: ignore[attr-defined]
+        expected = [ids["a1"], ids["a1"], ids["a1"], ids["a-other"], ids["b1"]]
+        rows = await store.pool.execute("t", "SELECT campaign_id FROM messages ORDER BY queue_id")
+        self.assertEqual([r[0] for r in rows], expected)  # type: ignore[attr-defined]
+        rows = await store.pool.execute("t", "SELECT campaign_id FROM events ORDER BY queue_id")
+        self.assertEqual([r[0] for r in rows], expected)  # type: ignore[attr-defined]
+        rows = await store.pool.execute(
+            "t", "SELECT account_id, dimension, metric, value FROM daily_counts ORDER BY account_id, dimension, metric"
+        )
+        self.assertEqual(  # type: ignore[attr-defined]
+            sorted(tuple(r) for r in rows),
+            sorted([
+                (ids["a"], "", "sent", 14),
+                (ids["a"], f"campaign:{ids['a1']}", "delivered", 3),
+                (ids["a"], f"campaign:{ids['a1']}", "sent", 7),
+                (ids["a"], f"campaign:{ids['a-other']}", "sent", 7),
+                (ids["b"], f"campaign:{ids['b1']}", "sent", 5),
+            ]),
+        )
+        found = await store.campaigns.named(ids["a"], TRANSACTIONAL_CAMPAIGN)
+        self.assertEqual(found.id, ids["a1"])  # type: ignore[attr-defined]
+
+        async def duplicate(txn: Transaction) -> None:
+            await txn.execute(
+                "INSERT INTO campaigns (account_id, guid, name, created_at) VALUES (?, ?, ?, ?)",
+                (ids["a"], "another", TRANSACTIONAL_CAMPAIGN, 3.0),
+            )
+
+        integrity: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
+        if self.engine == "postgresql":
+            import psycopg2
+
+            integrity = (psycopg2.IntegrityError,)
+        with self.assertRaises(integrity):  # type: ignore[attr-defined]
+            await store.pool.interaction("t", duplicate)
 
     async def test_suppressions(self) -> None:
         """Suppressions upsert, expire, respect scopes, and are removable."""

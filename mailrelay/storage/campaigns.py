@@ -6,7 +6,7 @@ import uuid
 
 from twisted.internet.interfaces import IReactorTime
 
-from mailrelay.storage.database import DatabasePool, Row
+from mailrelay.storage.database import DatabasePool, Row, Transaction
 from mailrelay.storage.errors import Conflict, NotFound, StorageError
 from mailrelay.storage.model import Campaign
 
@@ -30,11 +30,16 @@ class Campaigns:
         if not name.strip():
             raise StorageError("a campaign needs a name")
         guid = guid or str(uuid.uuid4())
-        if await self._pool.execute("campaign_exists", "SELECT id FROM campaigns WHERE guid = ?", (guid,)):
+        # ON CONFLICT: the guid is taken, or this is a second "Transactional Campaign"
+        # (unique per account since migration 004), perhaps inserted a moment ago by another node.
+        rows = await self._pool.execute("campaign_create", "INSERT INTO campaigns (account_id, guid, name, subject,"
+                                        " list_id, created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+                                        " RETURNING id",
+                                        (account_id, guid, name, subject, list_id, self._clock.seconds()))
+        if not rows:
+            if name == TRANSACTIONAL_CAMPAIGN:
+                raise Conflict(f"this account already has a campaign called {name!r}")
             raise Conflict(f"a campaign with id {guid} already exists")
-        await self._pool.execute("campaign_create", "INSERT INTO campaigns (account_id, guid, name, subject, list_id,"
-                                 " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                                 (account_id, guid, name, subject, list_id, self._clock.seconds()))
         return await self.get(account_id, guid)
 
     async def get(self, account_id: int, guid: str) -> Campaign:
@@ -51,12 +56,27 @@ class Campaigns:
         return _campaign(rows[0]) if rows else None
 
     async def named(self, account_id: int, name: str) -> Campaign:
-        """The account's campaign called ``name``, created on first use."""
-        rows = await self._pool.execute("campaign_named", _SELECT + " WHERE account_id = ? AND name = ?"
-                                        " ORDER BY id LIMIT 1", (account_id, name))
+        """
+        The account's campaign called ``name`` (the oldest, if several),
+        created on first use.  For ``TRANSACTIONAL_CAMPAIGN`` concurrent
+        first uses, on several nodes too, get one and the same row: a unique
+        index (migration 004) turns the loser's insert into a no-op, and the
+        same transaction then reads the winner's row.
+        """
+        select = _SELECT + " WHERE account_id = ? AND name = ? ORDER BY id LIMIT 1"
+        rows = await self._pool.execute("campaign_named", select, (account_id, name))
         if rows:
             return _campaign(rows[0])
-        return await self.create(account_id, name)
+        guid = str(uuid.uuid4())
+        now = self._clock.seconds()
+
+        async def find_or_create(txn: Transaction) -> Campaign:
+            await txn.execute("INSERT INTO campaigns (account_id, guid, name, created_at) VALUES (?, ?, ?, ?)"
+                              " ON CONFLICT DO NOTHING", (account_id, guid, name, now))
+            found = await txn.execute(select, (account_id, name))
+            return _campaign(found[0])
+
+        return await self._pool.interaction("campaign_named_create", find_or_create)
 
     async def list(self, account_id: int) -> list[Campaign]:
         rows = await self._pool.execute("campaign_list", _SELECT + " WHERE account_id = ? ORDER BY id", (account_id,))

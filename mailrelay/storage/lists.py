@@ -46,12 +46,12 @@ class Lists:
         if not name.strip():
             raise StorageError("a list needs a name")
         guid = guid or str(uuid.uuid4())
-        taken = await self._pool.execute("list_exists", "SELECT id FROM lists WHERE (account_id = ? AND name = ?)"
-                                         " OR guid = ?", (account_id, name, guid))
-        if taken:
+        # ON CONFLICT: the name (unique per account) or the guid is taken, perhaps a moment ago by another node.
+        rows = await self._pool.execute("list_create", "INSERT INTO lists (account_id, guid, name, created_at)"
+                                        " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                                        (account_id, guid, name, self._clock.seconds()))
+        if not rows:
             raise Conflict(f"a list called {name!r} (or with id {guid}) already exists")
-        await self._pool.execute("list_create", "INSERT INTO lists (account_id, guid, name, created_at)"
-                                 " VALUES (?, ?, ?, ?)", (account_id, guid, name, self._clock.seconds()))
         return await self.get(account_id, guid)
 
     async def get(self, account_id: int, guid_or_name: str) -> MailingList:
@@ -74,6 +74,11 @@ class Lists:
         return _list(rows[0])
 
     async def get_or_create(self, account_id: int, name: str) -> MailingList:
+        """
+        The account's list called ``name``, created on first use; concurrent
+        first uses (several nodes too) get the same list, as names are
+        unique per account and a losing insert is a no-op.
+        """
         try:
             return await self.get(account_id, name)
         except NotFound:

@@ -83,15 +83,18 @@ async def schema_version(pool: DatabasePool) -> int:
     return await pool.interaction("schema_version", read)
 
 
-async def migrate(pool: DatabasePool) -> list[Migration]:
+async def migrate(pool: DatabasePool, target: int | None = None) -> list[Migration]:
     """
-    Apply every missing migration, each in its own transaction; returns
-    what was applied.  Several nodes may start at once on one PostgreSQL:
-    an advisory lock makes the others wait and then find nothing to do.
+    Apply every missing migration (up to version ``target`` if given), each
+    in its own transaction; returns what was applied.  Several nodes may
+    start at once on one PostgreSQL: an advisory lock makes the others wait
+    and then find nothing to do.
     """
     engine = pool.engine
     known = available(engine.name)
     newest = known[-1].version if known else 0
+    if target is not None:
+        known = [m for m in known if m.version <= target]
     applied: list[Migration] = []
 
     async def step(txn: Transaction) -> Migration | None:
