@@ -12,11 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailrelay.processing import mime
 from mailrelay.processing.controls import ControlAttributes, RecipientCopy, parse_control_headers
 from mailrelay.processing.mime import (
     Decoration,
     RenderRequest,
     Tracking,
+    _edits_body,
     parse_structure,
     render,
     rewrite_links,
@@ -504,3 +506,37 @@ class RewriteTests(SynchronousTestCase):
             b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n" + data,
         ):
             self.assertIsInstance(render(message, request), bytes)
+
+
+class PlainCopyFastPathTests(SynchronousTestCase):
+    """A copy with nothing to add to its text skips the MIME tree and must give the same bytes."""
+
+    def full_path(self, message: bytes, request: RenderRequest) -> bytes:
+        self.patch(mime, "_edits_body", lambda request: True)
+        try:
+            return render(message, request)
+        finally:
+            self.patch(mime, "_edits_body", _edits_body)
+
+    def assert_same(self, message: bytes, request: RenderRequest) -> None:
+        self.assertFalse(_edits_body(request))
+        self.assertEqual(render(message, request), self.full_path(message, request))
+
+    def test_known_messages(self) -> None:
+        for message in (PLAIN, HTML_QP, mixed_message(), PLAIN.replace(b"\r\n", b"\n"), b"\r\nbody only\r\n"):
+            for request in (
+                RenderRequest(TO, message_id="<m@x>", date="Mon, 01 Jan 2024 10:00:00 +0000"),
+                RenderRequest(RecipientCopy("b@example.org", "bcc"), tracking=tracking(unsubscribe=True)),
+                RenderRequest(TO, decoration=Decoration()),
+            ):
+                self.assert_same(message, request)
+
+    def test_decoration_or_tracking_takes_the_full_path(self) -> None:
+        self.assertTrue(_edits_body(RenderRequest(TO, decoration=Decoration(html_footer="<p>f</p>"))))
+        self.assertTrue(_edits_body(RenderRequest(TO, tracking=tracking(opens=True))))
+        self.assertTrue(_edits_body(RenderRequest(TO, tracking=tracking(clicks=True))))
+
+    @settings(max_examples=80, deadline=None)
+    @given(st.binary(max_size=300), st.sampled_from([b"", b"\r\n", b"\n", b"A: b\r\n\r\n", b"A: b\n\nx"]))
+    def test_arbitrary_bytes(self, data: bytes, prefix: bytes) -> None:
+        self.assert_same(prefix + data, RenderRequest(TO, message_id="<a@b>", date="d"))

@@ -164,17 +164,23 @@ def _header_message(header: bytes) -> email.message.Message:
 _BLANK_LINE = re.compile(rb"\n(?=\r?\n)")
 
 
-def _parse_part(data: bytes, start: int, end: int, default_type: str, depth: int) -> Part:
+def _head_bounds(data: bytes, start: int, end: int) -> tuple[int, int]:
+    """Where the part's header block ends and its body starts (after the empty line)."""
     # Like split_message, without copying the part (attachments can be large).
     if data.startswith((b"\r\n", b"\n"), start, end):
         head_end = start
     else:
         blank_line = _BLANK_LINE.search(data, start, end)
         head_end = blank_line.end() if blank_line else end
-    head = data[start:head_end]
     body_start = head_end + (
         2 if data.startswith(b"\r\n", head_end, end) else 1 if data.startswith(b"\n", head_end, end) else 0
     )
+    return head_end, body_start
+
+
+def _parse_part(data: bytes, start: int, end: int, default_type: str, depth: int) -> Part:
+    head_end, body_start = _head_bounds(data, start, end)
+    head = data[start:head_end]
     fields = {f.lname: f for f in parse_fields(head) if f.name}
     message = _header_message(head)
     if "content-type" in fields:
@@ -509,14 +515,29 @@ def _copy_fields(request: RenderRequest, eol: bytes) -> tuple[list[Field], set[s
     return fields, replaces
 
 
+def _edits_body(request: RenderRequest) -> bool:
+    """Whether this copy's text changes: a header or footer, an open pixel or tracked links."""
+    tracking, decoration = request.tracking, request.decoration
+    if tracking is not None and (tracking.opens or tracking.clicks):
+        return True
+    return decoration is not None and any(
+        (decoration.text_header, decoration.text_footer, decoration.html_header, decoration.html_footer)
+    )
+
+
 def render(message: bytes, request: RenderRequest) -> bytes:
     """One recipient's copy of the stored original ``message``."""
     eol = line_ending(message)
-    top = parse_structure(message)
-    head = top.header
-    ctx = _Context(request, eol)
-    body, top_changes = _render_body(ctx, message, top)
-    separator = message[len(head) : top.body_start]
+    body: list[bytes | memoryview]
+    if _edits_body(request):
+        top = parse_structure(message)
+        head, body_start = top.header, top.body_start
+        body, top_changes = _render_body(_Context(request, eol), message, top)
+    else:
+        # Nothing to add to the text: the MIME tree (the costly part) is not needed.
+        head_end, body_start = _head_bounds(message, 0, len(message))
+        head, body, top_changes = message[:head_end], [memoryview(message)[body_start:]], {}
+    separator = message[len(head) : body_start]
 
     head = strip_control_headers(head)
     head = _apply_header_changes(head, top_changes, eol)
