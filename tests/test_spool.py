@@ -236,6 +236,50 @@ class RoundTripTests(SpoolTestCase):
         self.assertRaises(TypeError, spool.open_message, {"bad": object()}, RCPTS)
 
 
+class FreshBodyTests(SpoolTestCase):
+    """A just-committed body is read once from memory; later reads and evicted ones come from disk."""
+
+    def damage_segments(self) -> None:
+        for name in self.files("seg-"):
+            path = os.path.join(self.directory, name)
+            with open(path, "r+b") as f:
+                data = bytearray(f.read())
+                data[-3] ^= 0xFF  # inside the last record's body
+                f.seek(0)
+                f.write(data)
+
+    @async_test
+    async def test_first_read_from_memory_then_from_disk(self) -> None:
+        """The first read needs no disk (damage on disk does not show); the second checks the CRC there."""
+        spool, _ = await self.open()
+        body = body_of(2000, 3)
+        qid = await self.put(spool, body)
+        self.damage_segments()
+        self.assertEqual(await spool.read_message(qid), body)
+        with self.assertRaisesRegex(ValueError, "checksum"):
+            await spool.read_message(qid)
+
+    @async_test
+    async def test_budget_evicts_oldest(self) -> None:
+        """Beyond the budget the oldest bodies are dropped from memory and read from the segment."""
+        spool, _ = await self.open(fresh_budget=2500)
+        ids = [await self.put(spool, body_of(1000, i)) for i in range(4)]
+        self.damage_segments()  # only the last record is damaged: the others read fine from disk
+        for i, qid in enumerate(ids):
+            self.assertEqual(await spool.read_message(qid), body_of(1000, i))
+        self.assertEqual(spool._fresh_size, 0)
+
+    @async_test
+    async def test_finished_message_is_forgotten(self) -> None:
+        """A message finished before its first read leaves nothing in memory."""
+        spool, _ = await self.open()
+        qid = await self.put(spool, body_of(500))
+        self.assertEqual(spool._fresh_size, 500)
+        await spool.delete(qid)
+        self.assertEqual((spool._fresh_size, len(spool._fresh)), (0, 0))
+        self.failureResultOf(spool.read_message(qid), UnknownMessage)
+
+
 class QueueIdTests(unittest.SynchronousTestCase):
     def test_shape_and_order(self) -> None:
         """Ids are fixed-width file-name-safe strings that sort by creation time."""
