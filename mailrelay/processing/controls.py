@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import email.errors
 import email.header
+import email.message
 import email.policy
 import email.utils
 import json
@@ -604,6 +605,10 @@ _SIMPLE_ADDRESS = re.compile(
 )
 
 
+#: What the email package's parser gives for no header lines (the usual case: all fast).
+_NO_HEADERS = email.message.Message()
+
+
 def _simple_address(value: bytes) -> str | None:
     """The address of a plain one-address header value, or None when the email package must read it."""
     try:
@@ -638,12 +643,14 @@ def _parse_policy_headers(header_block: bytes) -> PolicyHeaders:
     wanted = [f.raw for name in ("from", "reply-to", "subject") for f in fields.get(name, [])
               if not ((name == "from" and fast_from) or (name == "reply-to" and all(fast_reply))
                       or (name == "subject" and fast_subject))]
-    message = _PARSER.parsestr(b"".join(wanted).decode("utf-8", "surrogateescape"), headersonly=True)
+    message: email.message.Message = _NO_HEADERS
+    if wanted:
+        message = _PARSER.parsestr(b"".join(wanted).decode("utf-8", "surrogateescape"), headersonly=True)
 
     if fast_from:
         sender = fast_from
     else:
-        senders, ok = _addresses((message.get_all("From") or [None])[0])
+        senders, ok = _addresses(message.get("From"))
         if not senders:
             raise PolicyHeaderError("5.1.7", "From header has no address")
         if len(senders) > 1:
