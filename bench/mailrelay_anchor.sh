@@ -47,6 +47,10 @@ TOML
   echo "$BENCH_PASS" | "${mr[@]}" account create "$BENCH_USER" > /dev/null
   "${mr[@]}" domain add "$BENCH_USER" "${SENDER#*@}" > /dev/null
   "${mr[@]}" domain verify "${SENDER#*@}" --force > /dev/null
+  # MR_DKIM=off: the domain's mail goes unsigned, the same work as the peers' case b.
+  [[ ${MR_DKIM:-on} == off ]] && "${mr[@]}" domain dkim "${SENDER#*@}" --off > /dev/null
+  # MR_TRACKING=on: open and click tracking for every message (used with the HTML load).
+  [[ ${MR_TRACKING:-off} == on ]] && "${mr[@]}" account set "$BENCH_USER" --open-tracking on --click-tracking on > /dev/null
   for ((i = 0; i < MR_PROCS; i++)); do
     "$MR_BIN/twistd" -n --pidfile= --logfile="$dir/twistd-$i.log" mailrelay --config "$dir/mailrelay-$i.toml" &
     MR_PIDS+=($!); STARTED_PIDS+=($!)
@@ -122,5 +126,70 @@ anchor_mailrelay_b() {  # mailrelay signs every copy (DKIM), so its b is compare
     cell mailrelay b "$size" $MR_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
   done
   mailrelay_stop
+  stop_sink
+}
+
+anchor_mailrelay_b0() {  # mailrelay with DKIM signing off for the domain: the same work as the peers' b
+  log "== mailrelay (b, unsigned) $("$MR_BIN/python" -c 'import mailrelay; print(mailrelay.__version__)') ($MR_PROCS processes)"
+  start_sink
+  MR_DKIM=off mailrelay_start || return 1
+  SERVER_PIDS=("${MR_PIDS[@]}")
+  local size
+  for size in $SIZES; do
+    cell mailrelay b0 "$size" $MR_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
+  done
+  mailrelay_stop
+  stop_sink
+}
+
+# The HTML load (bench/htmlload.py: smtpload.py with a text/html body and a link per ~400 octets)
+# for the "tracking on" cells: mailrelay rewrites every link and adds an open pixel (and signs);
+# the peers relay the same messages with DKIM (their case c).
+html_cell() {
+  local saved=("${LOAD[@]}")
+  LOAD=(env SMTPLOAD_DIR="$BENCH_DIR" "$PY" "$MR_ROOT/bench/htmlload.py")
+  cell "$@"
+  LOAD=("${saved[@]}")
+}
+
+anchor_mailrelay_t() {
+  log "== mailrelay (t: HTML, open and click tracking, DKIM) ($MR_PROCS processes)"
+  start_sink
+  MR_TRACKING=on mailrelay_start || return 1
+  SERVER_PIDS=("${MR_PIDS[@]}")
+  local size
+  for size in $SIZES; do
+    html_cell mailrelay t "$size" $MR_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
+  done
+  mailrelay_stop
+  stop_sink
+}
+
+anchor_postfix_t() {
+  log "== Postfix + OpenDKIM, HTML load (t)"
+  postfix_configure
+  start_sink
+  postfix_start
+  SERVER_PIDS=("$POSTFIX_PID" "$DOVECOT_PID" "$OPENDKIM_PID")
+  local size
+  for size in $SIZES; do
+    html_cell postfix t "$size" $PF_SUB_DKIM "$PER_SESSION" --starttls "${AUTHARGS[@]}"
+  done
+  postfix_stop
+  stop_sink
+}
+
+anchor_haraka_t() {
+  log "== Haraka + dkim plugin, HTML load (t)"
+  [[ -x $HARAKA_BIN ]] || { log "Haraka not installed (run setup_deps.sh)"; return 1; }
+  start_sink
+  haraka_configure c
+  haraka_start || return 1
+  SERVER_PIDS=("$HARAKA_PID")
+  local size
+  for size in $SIZES; do
+    html_cell haraka t "$size" $HARAKA_PORT "$PER_SESSION" --starttls "${AUTHARGS[@]}"
+  done
+  haraka_stop
   stop_sink
 }
