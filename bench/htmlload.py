@@ -15,7 +15,8 @@ import os
 import sys
 from typing import Any
 
-sys.path.insert(0, os.environ.get("SMTPLOAD_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench")))
+_SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench")
+sys.path.insert(0, os.environ.get("SMTPLOAD_DIR", _SHARED))
 
 import smtpload  # type: ignore[import-not-found]  # noqa: E402
 
