@@ -114,6 +114,33 @@ class CLITestsMixin:
         listed = await self.cli("domain", "list", "--account", "shop")
         self.assertEqual([d["domain"] for d in listed], ["example.com", "forced.example"])  # type: ignore[attr-defined]
 
+    async def test_domain_dkim_switch(self) -> None:
+        """domain dkim --off/--on switches signing; show and list report it; the default is on."""
+        await self.cli("account", "create", "shop", "--no-password")
+        added = await self.cli("domain", "add", "shop", "example.com", "--selector", "s1")
+        self.assertIs(added["dkim_signing"], True)  # type: ignore[attr-defined]
+        off = await self.cli("domain", "dkim", "example.com", "--off")
+        self.assertEqual((off["domain"], off["dkim_signing"]), ("example.com", False))  # type: ignore[attr-defined]
+        self.assertIs((await self.cli("domain", "show", "example.com"))["dkim_signing"], False)  # type: ignore[attr-defined]
+        listed = await self.cli("domain", "list")
+        self.assertEqual([(d["domain"], d["dkim_signing"]) for d in listed],  # type: ignore[attr-defined]
+                         [("example.com", False)])
+        on = await self.cli("domain", "dkim", "Example.COM", "--on")
+        self.assertIs(on["dkim_signing"], True)  # type: ignore[attr-defined]
+        self.assertIs((await self.cli("domain", "show", "example.com"))["dkim_signing"], True)  # type: ignore[attr-defined]
+
+        out = io.StringIO()
+        status = await run(["--config", str(self.config), "domain", "dkim", "example.com", "--off"], reactor,
+                           io.StringIO(), out, io.StringIO())
+        self.assertEqual(status, 0)  # type: ignore[attr-defined]
+        self.assertIn("DKIM signing of example.com is now off", out.getvalue())  # type: ignore[attr-defined]
+        self.assertIn("DKIM signing: off", out.getvalue())  # type: ignore[attr-defined]
+
+        error = await self.cli("domain", "dkim", "nowhere.example", "--off", code=1)
+        self.assertIn("nowhere.example", error["error"])  # type: ignore[attr-defined]
+        await self.cli("domain", "dkim", "example.com", code=2)
+        await self.cli("domain", "dkim", "example.com", "--on", "--off", code=2)
+
     async def test_credentials(self) -> None:
         """smtp-user and api-key secrets are printed once and stored only as hashes."""
         await self.cli("account", "create", "shop", "--no-password")

@@ -346,6 +346,23 @@ class RenderTests(SynchronousTestCase):
         prepared, body = self.prepare(envelope())
         self.assertNotIn(b"DKIM-Signature", self.h.renderer.render(prepared, body, "a@example.net")[1])
 
+    def test_signing_switched_off_and_on(self) -> None:
+        """A verified domain with DKIM signing off gets unsigned copies; switched on again, they are signed."""
+        key = rsa_key().decode("ascii")
+        self.h.directory.domains["example.com"] = DomainInfo("example.com", True, "sel", key, dkim_signing=False)
+        prepared, body = self.prepare(envelope())
+        self.assertIsNone(prepared.dkim)
+        data = self.h.renderer.render(prepared, body, "a@example.net")[1]
+        self.assertNotIn(b"DKIM-Signature", data)
+        self.assertIn(b"Message-ID: ", data)  # otherwise rendered as usual
+        self.h.directory.domains["example.com"] = DomainInfo("example.com", True, "sel", key, dkim_signing=True)
+        prepared, body = self.prepare(envelope())
+        data = self.h.renderer.render(prepared, body, "a@example.net")[1]
+        self.assertTrue(data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;"))
+        signer = self.h.renderer._signer(self.h.directory.domains["example.com"])
+        assert signer is not None
+        self.assertTrue(dkim.verify(data, dnsfunc=dnsfunc_for(signer)))
+
     def test_tracking_defaults_and_overrides(self) -> None:
         """Account defaults turn tracking on; the message's controls override them either way."""
         html = (

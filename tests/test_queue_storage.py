@@ -73,6 +73,31 @@ class _Storage:
         self.assertEqual(dict(found), {"gone@example.net": "hard_bounce"})
 
 
+    async def test_directory_dkim_signing(self) -> None:
+        """
+        The domain's DKIM signing switch comes through StoreDirectory and,
+        like ``verified``, through its cache: a change shows once the
+        cached entry expires.
+        """
+        store = await self.store()
+        account = await store.accounts.create("shop", None)
+        await store.domains.add(account.id, "example.com", "sel", "KEY")
+        await store.domains.set_verified("example.com", True)
+        clock = Clock()
+        directory = StoreDirectory(store, clock, ttl=60.0)
+        domain = await directory.sending_domain("example.com")
+        assert domain is not None
+        self.assertEqual((domain.dkim_signing, domain.signs), (True, True))
+        await store.domains.set_dkim_signing("example.com", False)
+        cached = await directory.sending_domain("example.com")
+        assert cached is not None
+        self.assertTrue(cached.dkim_signing)
+        clock.advance(60)
+        domain = await directory.sending_domain("example.com")
+        assert domain is not None
+        self.assertEqual((domain.verified, domain.dkim_signing, domain.signs), (True, False, False))
+
+
 class SQLiteStorageTests(_Storage, TestCase):
     engine = "sqlite"
 

@@ -19,7 +19,7 @@ from mailrelay.events.sink import EventSink
 from mailrelay.storage.credentials import SCOPES
 from mailrelay.web.api import MAX_JSON_BODY
 from mailrelay.web.api_v1 import ApiV1
-from tests.test_web_support import SpecMismatch, Web, check_response, spec
+from tests.test_web_support import SpecMismatch, Web, check_response, check_schema, spec
 
 
 class OpenAPIFileTests(SynchronousTestCase):
@@ -297,6 +297,46 @@ class ApiTestsMixin:
         t.assertEqual(len((await web.call("GET", "/domains")).json()["data"]), 1)
         t.assertEqual((await web.call("DELETE", "/domains/shop.example")).status, 204)
         t.assertEqual((await web.call("GET", "/domains/shop.example")).status, 404)
+
+    async def test_domain_dkim_signing(self) -> None:
+        """
+        A domain is DKIM-signed by default; PATCH turns signing off and on
+        again, GET and the list show it; a wrong value is 422, another
+        account's domain 404, a key without domains:write 403.
+        """
+        web = await self.web()
+        t: Any = self
+        created = (await web.call("POST", "/domains", {"domain": "shop.example"})).json()
+        t.assertIs(created["dkim_signing"], True)
+        check_schema("DomainUpdate", {"dkim_signing": False})
+        off = await web.call("PATCH", "/domains/shop.example", {"dkim_signing": False})
+        t.assertEqual(off.status, 200)
+        t.assertIs(off.json()["dkim_signing"], False)
+        t.assertIs((await web.call("GET", "/domains/shop.example")).json()["dkim_signing"], False)
+        t.assertIs((await web.store.domains.get("shop.example")).dkim_signing, False)
+        listed = (await web.call("GET", "/domains")).json()["data"]
+        t.assertEqual([(d["domain"], d["dkim_signing"]) for d in listed], [("shop.example", False)])
+        unchanged = await web.call("PATCH", "/domains/shop.example", {})
+        t.assertIs(unchanged.json()["dkim_signing"], False)
+        on = await web.call("PATCH", "/domains/Shop.Example", {"dkim_signing": True})
+        t.assertIs(on.json()["dkim_signing"], True)
+        t.assertIs((await web.call("GET", "/domains/shop.example")).json()["dkim_signing"], True)
+
+        wrong = await web.call("PATCH", "/domains/shop.example", {"dkim_signing": "no"})
+        t.assertEqual((wrong.status, wrong.json()["error"]["code"]), (422, "invalid_field"))
+        unknown = await web.call("PATCH", "/domains/shop.example", {"verified": True})
+        t.assertEqual((unknown.status, unknown.json()["error"]["code"]), (422, "unknown_field"))
+        t.assertEqual((await web.call("PATCH", "/domains/else.example", {"dkim_signing": False})).status, 404)
+        other = await web.store.accounts.create("other", None)
+        other_key = await web.new_key(other.id, SCOPES)
+        t.assertEqual(
+            (await web.call("PATCH", "/domains/shop.example", {"dkim_signing": False}, key=other_key)).status, 404
+        )
+        reader = await web.new_key(web.account_id, ["domains:read"])
+        t.assertEqual(
+            (await web.call("PATCH", "/domains/shop.example", {"dkim_signing": False}, key=reader)).status, 403
+        )
+        t.assertIs((await web.store.domains.get("shop.example")).dkim_signing, True)
 
     async def test_domains_without_keygen(self) -> None:
         """Without a key generator the relay refuses to create domains with 501 not_available."""

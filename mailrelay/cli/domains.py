@@ -36,6 +36,14 @@ def register(nouns: Any) -> None:
     verify.add_argument("domain")
     verify.add_argument("--force", action="store_true", help="mark it verified without looking at DNS")
     verify.set_defaults(verb=verify_domain)
+    sign = verbs.add_parser("dkim", help="turn DKIM signing of a domain's mail on (the default) or off")
+    sign.add_argument("domain")
+    switch = sign.add_mutually_exclusive_group(required=True)
+    switch.add_argument("--on", dest="dkim_signing", action="store_true", default=None,
+                        help="sign the domain's mail with its DKIM key")
+    switch.add_argument("--off", dest="dkim_signing", action="store_false",
+                        help="do not sign it (the application signs with its own key)")
+    sign.set_defaults(verb=set_domain_dkim)
     remove = verbs.add_parser("remove", help="remove a sending domain (revokes its credentials)")
     remove.add_argument("domain")
     remove.set_defaults(verb=remove_domain)
@@ -81,14 +89,21 @@ def _records(config: Config, d: SendingDomain) -> tuple[dkim.DNSRecord, ...]:
 def _describe(config: Config, d: SendingDomain, account: str) -> tuple[dict[str, Any], list[str]]:
     records = _records(config, d)
     data = {"domain": d.domain, "account": account, "verified": d.verified, "dkim_selector": d.dkim_selector,
-            "created_at": d.created_at, "verified_at": d.verified_at,
+            "dkim_signing": d.dkim_signing, "created_at": d.created_at, "verified_at": d.verified_at,
             "dns_records": [{"name": r.name, "type": r.type, "value": r.value, "purpose": r.purpose}
                             for r in records]}
     text = [f"domain {d.domain} (account {account}): {'verified' if d.verified else 'not verified'}",
+            f"DKIM signing: {_signing(d)}",
             "DNS records to publish:"]
     for r in records:
         text.append(f"  {r.purpose}: {r.name} {r.type} {r.value}")
     return data, text
+
+
+def _signing(d: SendingDomain) -> str:
+    if not d.dkim_signing:
+        return "off"
+    return "on" if d.verified else "on (once verified)"
 
 
 async def add_domain(ctx: Context) -> None:
@@ -104,11 +119,11 @@ async def list_domains(ctx: Context) -> None:
     account_id = (await ctx.account(ctx.args.account)).id if ctx.args.account else None
     found = await ctx.store.domains.list(account_id)
     names = {a.id: a.login for a in await ctx.store.accounts.list()}
-    rows = [(d.domain, names.get(d.account_id, d.account_id), "yes" if d.verified else "no", d.dkim_selector)
-            for d in found]
+    rows = [(d.domain, names.get(d.account_id, d.account_id), "yes" if d.verified else "no", d.dkim_selector,
+             "on" if d.dkim_signing else "off") for d in found]
     ctx.emit([{"domain": d.domain, "account": names.get(d.account_id), "verified": d.verified,
-               "dkim_selector": d.dkim_selector} for d in found],
-             table(rows, ["DOMAIN", "ACCOUNT", "VERIFIED", "SELECTOR"]))
+               "dkim_selector": d.dkim_selector, "dkim_signing": d.dkim_signing} for d in found],
+             table(rows, ["DOMAIN", "ACCOUNT", "VERIFIED", "SELECTOR", "DKIM"]))
 
 
 async def _domain_and_owner(ctx: Context, name: str) -> tuple[SendingDomain, str]:
@@ -168,6 +183,15 @@ def _same_txt(expected: str, found: str) -> bool:
         return "".join(v.replace('"', "").split()).rstrip(";").lower()
 
     return norm(expected) == norm(found)
+
+
+async def set_domain_dkim(ctx: Context) -> None:
+    d, owner = await _domain_and_owner(ctx, ctx.args.domain)
+    d = await ctx.store.domains.set_dkim_signing(d.domain, ctx.args.dkim_signing)
+    data, text = _describe(ctx.config, d, owner)
+    note = (f"DKIM signing of {d.domain} is now {'on' if d.dkim_signing else 'off'}"
+            " (running relays pick it up within a minute)")
+    ctx.emit(data, [note, *text])
 
 
 async def remove_domain(ctx: Context) -> None:

@@ -59,7 +59,11 @@ class AccountInfo:
 
 @attrs.frozen
 class DomainInfo:
-    """A sending domain: is it verified, its DKIM keys and its own header/footer."""
+    """
+    A sending domain: is it verified, its DKIM keys, whether mailrelay signs
+    its mail (``dkim_signing``: off when the application signs itself) and
+    its own header/footer.
+    """
 
     domain: str
     verified: bool
@@ -68,6 +72,12 @@ class DomainInfo:
     ed25519_key: str | None = attrs.field(default=None, repr=False)
     decoration: Decoration | None = None
     account_id: int | None = None
+    dkim_signing: bool = True
+
+    @property
+    def signs(self) -> bool:
+        """Whether copies from this domain get mailrelay's DKIM signature: verified and not switched off."""
+        return self.verified and self.dkim_signing
 
 
 class Directory(Protocol):
@@ -184,6 +194,7 @@ class StoreDirectory:
                 ed25519_key=d.dkim_ed25519_key,
                 decoration=decoration,
                 account_id=d.account_id,
+                dkim_signing=d.dkim_signing,
             )
         self._domains.put(key, info)
         return info
@@ -303,7 +314,7 @@ class Renderer:
             clicks=not dsn and _flag(controls.click_tracking, account.click_tracking if account else False),
             unsubscribe=not dsn and _flag(controls.unsubscribe, account.unsubscribe_link if account else False),
             notification_address=account.notification_address if account else None,
-            dkim=self._signer(domain) if domain is not None and domain.verified else None,
+            dkim=self._signer(domain) if domain is not None and domain.signs else None,
         )
 
     def _signer(self, domain: DomainInfo) -> DKIMSigner | None:

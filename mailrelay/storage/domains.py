@@ -13,7 +13,7 @@ from mailrelay.storage.model import SendingDomain
 DOMAIN = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))+$")
 
 _COLUMNS = ("id, account_id, domain, verified, dkim_selector, dkim_private_key, dkim_ed25519_key,"
-            " created_at, verified_at")
+            " created_at, verified_at, dkim_signing")
 
 
 def normalise_domain(domain: str) -> str:
@@ -30,7 +30,7 @@ def normalise_domain(domain: str) -> str:
 def _domain(row: Row) -> SendingDomain:
     return SendingDomain(id=int(row[0]), account_id=int(row[1]), domain=row[2], verified=bool(row[3]),
                          dkim_selector=row[4], dkim_private_key=row[5], dkim_ed25519_key=row[6],
-                         created_at=float(row[7]), verified_at=row[8])
+                         created_at=float(row[7]), verified_at=row[8], dkim_signing=bool(row[9]))
 
 
 class Domains:
@@ -73,6 +73,13 @@ class Domains:
         found = await self.get(domain)
         await self._pool.execute("domain_verify", "UPDATE sending_domains SET verified = ?, verified_at = ?"
                                  " WHERE id = ?", (verified, self._clock.seconds() if verified else None, found.id))
+        return await self.get(domain)
+
+    async def set_dkim_signing(self, domain: str, on: bool) -> SendingDomain:
+        """Sign the domain's mail with its DKIM key (the default), or not; ``NotFound`` for an unknown domain."""
+        found = await self.get(domain)
+        await self._pool.execute("domain_dkim_signing", "UPDATE sending_domains SET dkim_signing = ? WHERE id = ?",
+                                 (bool(on), found.id))
         return await self.get(domain)
 
     async def remove(self, domain: str) -> None:

@@ -46,6 +46,7 @@ class SendingDomain:
     dkim_ed25519_key: str | None = attrs.field(repr=False)
     created_at: float
     verified_at: float | None
+    dkim_signing: bool = True
 
 
 @attrs.frozen

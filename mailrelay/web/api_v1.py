@@ -177,6 +177,7 @@ class ApiV1:
         r.add("GET", "/domains", "domains:read", self.domains)
         r.add("POST", "/domains", "domains:write", self.add_domain)
         r.add("GET", "/domains/{domain}", "domains:read", self.get_domain)
+        r.add("PATCH", "/domains/{domain}", "domains:write", self.update_domain)
         r.add("DELETE", "/domains/{domain}", "domains:write", self.remove_domain)
         r.add("GET", "/credentials", "credentials:write", self.credentials)
         r.add("POST", "/credentials", "credentials:write", self.create_credential)
@@ -557,6 +558,7 @@ class ApiV1:
             "verified": d.verified,
             "verified_at": d.verified_at,
             "dkim_selector": d.dkim_selector,
+            "dkim_signing": d.dkim_signing,
             "ed25519": d.dkim_ed25519_key is not None,
             "created_at": d.created_at,
             "dns_records": [
@@ -594,6 +596,15 @@ class ApiV1:
 
     async def get_domain(self, call: Call) -> Response:
         return Response(200, self._domain(await self._own_domain(call, call.params["domain"])))
+
+    async def update_domain(self, call: Call) -> Response:
+        found = await self._own_domain(call, call.params["domain"])
+        body = call.body()
+        body.only("dkim_signing")
+        signing = body.flag("dkim_signing")
+        if signing is not None:
+            found = await self.d.store.domains.set_dkim_signing(found.domain, signing)
+        return Response(200, self._domain(found))
 
     async def remove_domain(self, call: Call) -> Response:
         found = await self._own_domain(call, call.params["domain"])
