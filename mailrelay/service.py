@@ -101,8 +101,11 @@ class RelayService(MultiService):
                                    f"{e.socketError or e}")
             log.info("{mode} listening on {address}", mode=listener.mode, address=listener.address())
         # Where each listener really is (``tcp:0`` picks a free port): for operators and the tests.
+        # Written aside and renamed, so a reader never sees it half-written.
         state = self.config.server.data_dir / "listeners.json"
-        state.write_text(json.dumps([listener.address() for listener in self.listeners], indent=2) + "\n")
+        partial = state.with_name(state.name + ".new")
+        partial.write_text(json.dumps([listener.address() for listener in self.listeners], indent=2) + "\n")
+        partial.replace(state)
         log.info("mailrelay {hostname} ready", hostname=self.config.server.hostname)
 
     async def _stop_listening(self) -> None:
