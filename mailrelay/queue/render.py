@@ -137,9 +137,14 @@ class StoreDirectory:
     """
 
     def __init__(self, store: Any, clock: IReactorTime, ttl: float = 60.0) -> None:
+        from mailrelay.storage.suppressions import CoalescedChecks
+
         self._store = store
         self._accounts = _TTLCache(clock, ttl)
         self._domains = _TTLCache(clock, ttl)
+        # Never cached (a suppression must take effect at once), but the checks of the
+        # messages that become ready together go to the database as one query.
+        self._suppression_checks = CoalescedChecks(store.suppressions, clock)
 
     async def account(self, account_id: int) -> AccountInfo | None:
         hit, value = self._accounts.get(account_id)
@@ -200,7 +205,7 @@ class StoreDirectory:
         return info
 
     async def suppressed(self, account_id: int, addresses: Iterable[str], list_guid: str | None) -> Mapping[str, str]:
-        found = await self._store.suppressions.suppressed(account_id, list(addresses), list_guid)
+        found = await self._suppression_checks.suppressed(account_id, addresses, list_guid)
         return {address: s.reason for address, s in found.items()}
 
     async def suppress(
