@@ -7,6 +7,7 @@ Each test class at the bottom binds the shared tests to one engine.
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
@@ -14,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from mailrelay import secrets
 from mailrelay.storage import migrations
 from mailrelay.storage.campaigns import TRANSACTIONAL_CAMPAIGN
-from mailrelay.storage.database import DatabaseUnavailable, Transaction, make_pool
+from mailrelay.storage.database import DatabaseUnavailable, SQLiteTransactionError, Transaction, make_pool
 from mailrelay.storage.errors import Conflict, NotFound, StorageError
 from mailrelay.storage.lists import TRANSACTIONAL_LIST
 from mailrelay.storage.migrations import SchemaTooNew
@@ -91,7 +92,7 @@ class StorageTestsMixin:
             await store.domains.add(account.id, "mail.example.com", "mr1", "PEM")
         with self.assertRaises(StorageError):  # type: ignore[attr-defined]
             await store.domains.add(account.id, "not a domain", "mr1", "PEM")
-        self.assertEqual(
+        self.assertEqual(  # type: ignore[attr-defined]
             [d.domain for d in await store.domains.list(account.id)],  # type: ignore[attr-defined]
             ["mail.example.com"],
         )
@@ -186,7 +187,7 @@ class StorageTestsMixin:
         added = await store.lists.add_members(lst.id, ["x@Example.com", "x@example.com", "y@example.com"])
         self.assertEqual(added, 2)  # type: ignore[attr-defined]
         self.assertEqual(await store.lists.add_members(lst.id, ["y@example.com"]), 0)  # type: ignore[attr-defined]
-        self.assertEqual(
+        self.assertEqual(  # type: ignore[attr-defined]
             [m.address for m in await store.lists.members(lst.id)],  # type: ignore[attr-defined]
             ["x@example.com", "y@example.com"],
         )
@@ -434,3 +435,44 @@ class UnreachableDatabaseTests(TestCase):
             await pool.start()
         self.assertIn("cannot connect to PostgreSQL", str(ctx.exception))
         self.assertNotIn("s3cret", str(ctx.exception))
+
+
+class SQLiteTransactionTests(TestCase):
+    """On SQLite a whole transaction runs on the database thread: one hop, the same outcome."""
+
+    async def test_one_thread_hop_per_transaction(self) -> None:
+        store = await fresh_store(self, "sqlite")
+        pool = store.pool
+        hops = []
+        real_run = pool._run  # type: ignore[attr-defined]
+
+        def counting(fn: Any, *args: Any) -> Any:
+            hops.append(fn)
+            return real_run(fn, *args)
+
+        self.patch(pool, "_run", counting)
+
+        async def three_statements(txn: Transaction) -> int:
+            await txn.execute("CREATE TABLE t (x INTEGER)")
+            await txn.execute_many("INSERT INTO t (x) VALUES", [(1,), (2,)])
+            return await txn.update("UPDATE t SET x = x + 1")
+
+        self.assertEqual(await pool.interaction("t", three_statements), 2)
+        self.assertEqual(len(hops), 1)
+        self.assertEqual(await pool.execute("t", "SELECT sum(x) FROM t"), [(5,)])
+
+    async def test_waiting_for_something_else_rolls_back(self) -> None:
+        """A transaction function that waits for a Deferred fails clearly and leaves nothing behind."""
+        store = await fresh_store(self, "sqlite")
+        pool = store.pool
+        await pool.execute("t", "CREATE TABLE t (x INTEGER)")
+
+        async def waits(txn: Transaction) -> None:
+            await txn.execute("INSERT INTO t (x) VALUES (1)")
+            await Deferred()
+
+        with self.assertRaises(SQLiteTransactionError):
+            await pool.interaction("t", waits)
+        self.assertEqual(await pool.execute("t", "SELECT count(*) FROM t"), [(0,)])
+        await pool.execute("t", "INSERT INTO t (x) VALUES (2)")  # the connection is usable again
+        self.assertEqual(await pool.execute("t", "SELECT x FROM t"), [(2,)])

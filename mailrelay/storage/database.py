@@ -109,15 +109,36 @@ class DatabasePool(abc.ABC):
 
 
 class _SQLiteTransaction(Transaction):
-    def __init__(self, pool: SQLitePool) -> None:
-        self.engine = pool.engine
-        self._pool = pool
+    """
+    Statements straight on the connection: the whole transaction function
+    runs on the database thread (``SQLitePool.interaction``), so each
+    ``await`` completes at once and a transaction costs one thread hop.
+    """
+
+    def __init__(self, engine: Engine, conn: sqlite3.Connection) -> None:
+        self.engine = engine
+        self._conn = conn
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
-        return await self._pool._run(_sqlite_execute, sql, args)
+        return _sqlite_execute(self._conn, sql, args)
 
     async def update(self, sql: str, args: Sequence[Any] = ()) -> int:
-        return await self._pool._run(_sqlite_update, sql, args)
+        return _sqlite_update(self._conn, sql, args)
+
+
+class SQLiteTransactionError(Exception):
+    """A transaction function awaited something other than its transaction (it must not, on SQLite)."""
+
+
+def _run_to_end(awaitable: Awaitable[T]) -> T:
+    """The result of a coroutine that never suspends (only awaits an ``_SQLiteTransaction``)."""
+    coro = awaitable.__await__()
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    raise SQLiteTransactionError("a transaction function waited for something other than the database")
 
 
 def _sqlite_execute(conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> list[Row]:
@@ -215,18 +236,22 @@ class SQLitePool(DatabasePool):
 
         return Deferred.fromCoroutine(shut())
 
+    def _transaction(self, conn: sqlite3.Connection, fn: Callable[[Transaction], Awaitable[T]]) -> T:
+        """On the database thread: BEGIN, the whole of ``fn``, COMMIT (or ROLLBACK if it raises)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = _run_to_end(fn(_SQLiteTransaction(self.engine, conn)))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
     def interaction(self, desc: str, fn: Callable[[Transaction], Awaitable[T]]) -> Deferred[T]:
         async def run() -> T:
             await self._lock.acquire()
             try:
-                await self._run(_sqlite_update, "BEGIN IMMEDIATE", ())
-                try:
-                    result = await fn(_SQLiteTransaction(self))
-                except BaseException:
-                    await self._run(_sqlite_update, "ROLLBACK", ())
-                    raise
-                await self._run(_sqlite_update, "COMMIT", ())
-                return result
+                return await self._run(self._transaction, fn)
             finally:
                 self._lock.release()
 
