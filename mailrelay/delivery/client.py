@@ -90,8 +90,13 @@ class DotStuffer:
             self._held_cr = True
         if not chunk:
             return b""
-        data = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-        data = data.replace(b"\r\n.", b"\r\n..")
+        crlf = chunk.count(b"\r\n")
+        if crlf == chunk.count(b"\n") == chunk.count(b"\r"):
+            data = chunk  # every line break already CRLF: the usual case, no copies
+        else:
+            data = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        if b"\n." in data:
+            data = data.replace(b"\r\n.", b"\r\n..")
         if self._line_start and data.startswith(b"."):
             data = b"." + data
         self._line_start = data.endswith(b"\r\n")
