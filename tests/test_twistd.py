@@ -97,3 +97,18 @@ class TwistdTests(SynchronousTestCase):
         process = relay.start(expect_failure=True)
         self.assertEqual(process.returncode, 1)
         self.assertIn(f"cannot listen on tcp:{port}:interface=127.0.0.1 (http)", relay.output())
+
+
+class CollectorTests(SynchronousTestCase):
+    def test_tune_collector(self) -> None:
+        """The twistd process freezes what start-up built and collects young objects rarely."""
+        import gc
+
+        from mailrelay.tap import tune_collector
+
+        before = gc.get_threshold()
+        self.addCleanup(gc.unfreeze)
+        self.addCleanup(gc.set_threshold, *before)
+        tune_collector()
+        self.assertEqual(gc.get_threshold(), (10_000, 20, 20))
+        self.assertGreater(gc.get_freeze_count(), 0)
