@@ -50,6 +50,17 @@ class HeaderBlockTests(SynchronousTestCase):
         self.assertEqual([f.name for f in fields], [b"Subject", b"To"])
         self.assertEqual(fields[0].value, b"one two\tthree")
 
+    def test_parse_again_gives_a_fresh_list(self) -> None:
+        """Parsing the same block twice (the remembered one) gives equal fields in a list of the caller's own."""
+        block = bytearray(b"A: 1\r\nB: 2\r\n")
+        first = parse_fields(block)
+        first.append(parse_fields(b"C: 3\r\n")[0])
+        again = parse_fields(bytes(block))
+        self.assertEqual([f.name for f in again], [b"A", b"B"])
+        block[3] = ord("9")  # the caller's buffer changing does not change what was remembered
+        self.assertEqual(parse_fields(b"A: 1\r\nB: 2\r\n")[0].value, b"1")
+        self.assertEqual(parse_fields(block)[0].value, b"9")
+
     def test_garbage_lines_kept(self) -> None:
         """A line that is no field survives a rebuild untouched."""
         data = b"garbage line\r\nA: 1\r\n"

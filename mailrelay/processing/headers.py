@@ -64,8 +64,17 @@ def split_message(message: bytes) -> tuple[bytes, bytes]:
     return message[: match.end()], message[match.end() :]
 
 
+#: The last header block parsed and its fields: the policy, the control headers
+#: and the Received: line each read the same block of a message in a row.
+_last: tuple[bytes, tuple[Field, ...]] = (b"", ())
+
+
 def parse_fields(header_block: bytes) -> list[Field]:
     """The fields of a header block, in order; see ``Field`` for odd lines."""
+    global _last
+    last = _last
+    if last[0] == header_block:
+        return list(last[1])  # fields are immutable; the list is the caller's
     # Lines are collected per field and joined once: a field folded over
     # many lines must not cost quadratic time (hostile input).
     parts: list[tuple[bytes, list[bytes]]] = []
@@ -75,7 +84,9 @@ def parse_fields(header_block: bytes) -> list[Field]:
             continue
         match = _FIELD_NAME.match(line)
         parts.append((match.group(1) if match else b"", [line]))
-    return [Field(name, b"".join(lines)) for name, lines in parts]
+    fields = [Field(name, b"".join(lines)) for name, lines in parts]
+    _last = (bytes(header_block), tuple(fields))
+    return fields
 
 
 def join_fields(fields: Iterable[Field]) -> bytes:
