@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import hashlib
 import hmac
 import re
@@ -73,8 +74,12 @@ class VerpInfo:
     domain: str
 
 
+_HTTP_HOST = re.compile(r"(?i)https?://[^/?#\s]+")
+_SPACE = re.compile(r"\s")  # the same characters as str.isspace()
+
+
 def _is_http_url(url: str) -> bool:
-    return re.match(r"(?i)https?://[^/?#\s]+", url) is not None and not any(ch.isspace() for ch in url)
+    return _HTTP_HOST.match(url) is not None and _SPACE.search(url) is None
 
 
 # ---------------------------------------------------------------------------
@@ -113,6 +118,7 @@ _HEX_LOWER = re.compile(r"(?:[0-9a-f]{2})+")
 _HEX_UPPER = re.compile(r"(?:[0-9A-F]{2})+")
 
 
+@functools.lru_cache(maxsize=1024)  # every link of a message packs the same id
 def _pack_queue_id(queue_id: str) -> bytes:
     """A flag byte and the id: hexadecimal ids (the usual kind) take half the room."""
     if _HEX_LOWER.fullmatch(queue_id):
@@ -183,9 +189,13 @@ class TokenSigner:
 
     def __init__(self, secrets: bytes | Sequence[bytes]) -> None:
         self._keys = tuple(_derive(s, b"tracking") for s in _secrets(secrets))
+        # Keyed once: copying a keyed HMAC skips hashing the key pads for every token.
+        self._keyed = {key: hmac.new(key, digestmod=hashlib.sha256) for key in self._keys}
 
     def _mac(self, key: bytes, payload: bytes) -> bytes:
-        return hmac.new(key, payload, hashlib.sha256).digest()[:TRACKING_MAC_BYTES]
+        mac = self._keyed[key].copy()
+        mac.update(payload)
+        return mac.digest()[:TRACKING_MAC_BYTES]
 
     def sign(self, token: TrackingToken) -> str:
         """The token text for ``token``; raises ValueError for values it cannot carry."""
