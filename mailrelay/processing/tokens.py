@@ -87,7 +87,12 @@ def _is_http_url(url: str) -> bool:
 # ---------------------------------------------------------------------------
 
 
+_ONE_BYTE = tuple(bytes((n,)) for n in range(0x80))
+
+
 def _varint(n: int) -> bytes:
+    if 0 <= n < 0x80:
+        return _ONE_BYTE[n]  # most numbers in a token: link and recipient indexes, id lengths
     if n < 0:
         raise ValueError("negative numbers have no token encoding")
     out = bytearray()
