@@ -116,31 +116,25 @@ anchor_haraka_bc() {
   stop_sink
 }
 
-anchor_mailrelay_b() {  # mailrelay signs every copy (DKIM), so its b is compared with the peers' b and c
-  log "== mailrelay (b) $("$MR_BIN/python" -c 'import mailrelay; print(mailrelay.__version__)') ($MR_PROCS processes)"
+# mailrelay_case CASE CELL: mailrelay (set up by MR_DKIM / MR_TRACKING) and the sink, CELL (cell or html_cell)
+# for CASE at every size.
+mailrelay_case() {
+  local case=$1 run=$2 size
+  log "== mailrelay ($case) $("$MR_BIN/python" -c 'import mailrelay; print(mailrelay.__version__)') ($MR_PROCS processes)"
   start_sink
   mailrelay_start || return 1
   SERVER_PIDS=("${MR_PIDS[@]}")
-  local size
   for size in $SIZES; do
-    cell mailrelay b "$size" $MR_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
+    "$run" mailrelay "$case" "$size" $MR_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
   done
   mailrelay_stop
   stop_sink
 }
 
-anchor_mailrelay_b0() {  # mailrelay with DKIM signing off for the domain: the same work as the peers' b
-  log "== mailrelay (b, unsigned) $("$MR_BIN/python" -c 'import mailrelay; print(mailrelay.__version__)') ($MR_PROCS processes)"
-  start_sink
-  MR_DKIM=off mailrelay_start || return 1
-  SERVER_PIDS=("${MR_PIDS[@]}")
-  local size
-  for size in $SIZES; do
-    cell mailrelay b0 "$size" $MR_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
-  done
-  mailrelay_stop
-  stop_sink
-}
+# b: mailrelay signs every copy (DKIM), so it is compared with the peers' b and c.
+anchor_mailrelay_b() { mailrelay_case b cell; }
+# b0: DKIM signing off for the domain: the same work as the peers' b.
+anchor_mailrelay_b0() { MR_DKIM=off mailrelay_case b0 cell; }
 
 # The HTML load (bench/htmlload.py: smtpload.py with a text/html body and a link per ~400 octets)
 # for the "tracking on" cells: mailrelay rewrites every link and adds an open pixel (and signs);
@@ -152,18 +146,8 @@ html_cell() {
   LOAD=("${saved[@]}")
 }
 
-anchor_mailrelay_t() {
-  log "== mailrelay (t: HTML, open and click tracking, DKIM) ($MR_PROCS processes)"
-  start_sink
-  MR_TRACKING=on mailrelay_start || return 1
-  SERVER_PIDS=("${MR_PIDS[@]}")
-  local size
-  for size in $SIZES; do
-    html_cell mailrelay t "$size" $MR_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
-  done
-  mailrelay_stop
-  stop_sink
-}
+# t: the HTML load with open and click tracking (and DKIM).
+anchor_mailrelay_t() { MR_TRACKING=on mailrelay_case t html_cell; }
 
 anchor_postfix_t() {
   log "== Postfix + OpenDKIM, HTML load (t)"
