@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailrelay.processing.tokens import (
+    TRACKING_MAC_BYTES,
     Kind,
     TokenError,
     TokenSigner,
     TrackingToken,
     VerpInfo,
+    _Mac,
     parse_verp,
     verp_address,
 )
@@ -64,6 +69,20 @@ class TrackingTokenTests(SynchronousTestCase):
         text = self.signer.sign(token)
         cut = data.draw(st.integers(0, len(text) - 1))
         self.assertRaises(TokenError, self.signer.verify, text[:cut])
+
+    @given(st.builds(TrackingToken, st.just(Kind.CLICK), small, queue_ids, small, small, urls))
+    def test_click_signer(self, token: TrackingToken) -> None:
+        """A copy's click signer makes the same tokens as signing each one."""
+        assert token.link is not None and token.url is not None
+        clicks = self.signer.clicks(token.account_id, token.queue_id, token.recipient)
+        self.assertEqual(clicks(token.link, token.url), self.signer.sign(token))
+        self.assertEqual(self.signer.verify(clicks(token.link, token.url)), token)
+
+    def test_mac_is_hmac_sha256(self) -> None:
+        """The pre-keyed MAC is RFC 2104 HMAC-SHA256, truncated (tokens made before it still verify)."""
+        key = hashlib.sha256(b"derived").digest()
+        for payload in (b"", b"x", b"y" * 200):
+            self.assertEqual(_Mac(key)(payload), hmac.new(key, payload, hashlib.sha256).digest()[:TRACKING_MAC_BYTES])
 
     def test_compact(self) -> None:
         """An open token for a 32-hex-digit queue id stays under 60 characters."""

@@ -264,8 +264,9 @@ def _body_leaves(part: Part) -> list[Part]:
 # Text edits
 # ---------------------------------------------------------------------------
 
-_A_TAG = re.compile(r"<a\b[^>]*>", re.I)
-_HREF = re.compile(r"""(\shref\s*=\s*)(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""", re.I)
+# An <a> tag (up to its first ">") and its first href with the value: one
+# match per link instead of a tag match and then an attribute search.
+_A_HREF = re.compile(r"""<a\b[^>]*?(\shref\s*=\s*)("([^">]*)"|'([^'>]*)'|([^\s"'>]+))[^>]*>""", re.I)
 _NO_TRACK = re.compile(r"\sdata-no-track\b", re.I)
 _HTTP = re.compile(r"\s*https?://", re.I)
 
@@ -288,20 +289,19 @@ def rewrite_links(
         source = match.group(0)
         if _NO_TRACK.search(source):
             return source
-        href = _HREF.search(source)
-        if href is None:
-            return source
-        raw = next(g for g in href.groups()[1:] if g is not None)
-        url = html.unescape(raw).strip()
+        raw = match.group(3) or match.group(4) or match.group(5) or ""
+        # "&amp;" is the only reference in most links: html.unescape costs 1.4 us a link.
+        url = (raw.replace("&amp;", "&") if "&" not in raw.replace("&amp;", "") else html.unescape(raw)).strip()
         if not _HTTP.match(url) or url.startswith(skip_prefix):
             return source
         new = make_url(index, url)
         if new is None:
             return source
         index += 1
-        return source[: href.start()] + f'{href.group(1)}"{html.escape(new)}"' + source[href.end() :]
+        at = match.start()
+        return f'{source[: match.end(1) - at]}"{html.escape(new)}"{source[match.end(2) - at :]}'
 
-    return _A_TAG.sub(tag, text), index
+    return _A_HREF.sub(tag, text), index
 
 
 _BODY_OPEN = re.compile(r"<body\b[^>]*>", re.I)
@@ -393,12 +393,11 @@ def _transform(ctx: _Context, text: str, is_html: bool) -> str:
     if is_html:
         if tracking is not None and tracking.clicks:
             base = tracking.base
+            click = tracking.signer.clicks(tracking.account_id, tracking.queue_id, tracking.recipient)
 
             def url(index: int, target: str) -> str | None:
                 try:
-                    token = tracking.signer.click(
-                        tracking.account_id, tracking.queue_id, tracking.recipient, index, target
-                    )
+                    token = click(index, target)
                 except ValueError:
                     return None  # not a URL we would redirect to (spaces, no host): leave it
                 return f"{base}/c/{token}"
