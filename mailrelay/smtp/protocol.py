@@ -336,12 +336,17 @@ class _MessageReader:
                 self._fail(replies.SMUGGLING)
             else:
                 start = len(tail) - self._held
-                if stop > start:
+                if stop <= start:
+                    pass
+                elif dotted or work.endswith(b"\n."):
                     # Two octets of context before ``start`` let a dot at the
                     # chunk boundary be seen as a line's first octet.
                     out = work[start - 2 : stop].replace(_DOT_LINE, b"\r\n")[2:]
                     if out:
                         self._write(out)
+                else:
+                    # No line starts with a dot: nothing to unstuff (the usual case).
+                    self._write(work[start:stop])
         if end >= 0:
             return work[end + 5 :]
         start = len(tail) - self._held
