@@ -52,7 +52,9 @@ TOML
   # MR_TRACKING=on: open and click tracking for every message (used with the HTML load).
   [[ ${MR_TRACKING:-off} == on ]] && "${mr[@]}" account set "$BENCH_USER" --open-tracking on --click-tracking on > /dev/null
   for ((i = 0; i < MR_PROCS; i++)); do
-    "$MR_BIN/twistd" -n --pidfile= --logfile="$dir/twistd-$i.log" mailrelay --config "$dir/mailrelay-$i.toml" &
+    # MR_TWISTD_ARGS: extra twistd options, e.g. "--profile=/tmp/mr.prof --profiler=cprofile --savestats".
+    # shellcheck disable=SC2086
+    "$MR_BIN/twistd" -n --pidfile= --logfile="$dir/twistd-$i.log" ${MR_TWISTD_ARGS:-} mailrelay --config "$dir/mailrelay-$i.toml" &
     MR_PIDS+=($!); STARTED_PIDS+=($!)
   done
   for ((i = 0; i < MR_PROCS; i++)); do
