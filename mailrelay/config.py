@@ -56,6 +56,8 @@ class TLSConfig:
     # Generate a self-signed certificate when both files are missing.
     self_signed: bool = True
     allow_plaintext_auth: bool = False
+    # How often the files are checked for a renewed certificate (0: only on SIGHUP).
+    reload_interval: float = 60.0
 
 
 @attrs.frozen
@@ -294,7 +296,10 @@ def parse_config(doc: Mapping[str, Any], source: str, base: Path) -> Config:
         private_key=path_of(key) if key else data_dir / "tls" / "key.pem",
         self_signed=r.get("self_signed", bool, cert is None),
         allow_plaintext_auth=r.get("allow_plaintext_auth", bool, False),
+        reload_interval=r.get("reload_interval", float, 60.0),
     )
+    if tls.reload_interval < 0:
+        raise r.fail("reload_interval", "must be 0 (check on SIGHUP only) or a number of seconds")
     r.finish()
 
     r = _section(source, doc, "database")

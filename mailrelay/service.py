@@ -70,10 +70,16 @@ class RelayService(MultiService):
         self.listeners: list[Listener] = []
         self.startup_steps: list[Callable[[], Awaitable[None]]] = []
         self.shutdown_steps: list[Callable[[], Awaitable[None]]] = []
+        self.reload_steps: list[Callable[[], None]] = []
         self.ready: Deferred[None] = Deferred()
 
     def add_listener(self, mode: str, description: str, factory: IProtocolFactory) -> None:
         self.listeners.append(Listener(mode, description, factory))
+
+    def reload(self) -> None:
+        """Re-read what can change while the relay runs (the TLS certificate); twistd calls it on SIGHUP."""
+        for step in self.reload_steps:
+            step()
 
     def startService(self) -> None:
         super().startService()
@@ -373,6 +379,42 @@ def _tls_context(config: Config) -> Any:
         raise StartupError(str(e))
 
 
+def _watch_certificate(relay: RelayService, tls: Any) -> None:
+    """
+    Pick up a renewed certificate without a restart: the files are checked
+    every ``tls.reload_interval`` seconds and on SIGHUP; new connections get
+    the new certificate, open ones keep theirs.
+    """
+    from twisted.internet.task import LoopingCall
+
+    from mailrelay.smtp.tls import TLSConfigError
+
+    def check() -> None:
+        try:
+            if tls.reload_if_changed():
+                log.info("TLS: loaded the renewed certificate {path}", path=os.fspath(tls.cert_path))
+        except TLSConfigError as e:
+            log.error("TLS: the changed certificate files cannot be used, the current certificate stays: {error}",
+                      error=str(e))
+
+    relay.reload_steps.append(check)
+    interval = relay.config.tls.reload_interval
+    if not interval:
+        return
+    watcher = LoopingCall(check)
+    watcher.clock = relay.reactor
+
+    async def start() -> None:
+        watcher.start(interval, now=False)
+
+    async def stop() -> None:
+        if watcher.running:
+            watcher.stop()
+
+    relay.startup_steps.append(start)
+    relay.shutdown_steps.append(stop)
+
+
 def _add_smtp(relay: RelayService) -> None:
     """The SMTP listeners and everything the accept path needs: spool, policy, AUTH."""
     from twisted.python.threadpool import ThreadPool
@@ -389,6 +431,7 @@ def _add_smtp(relay: RelayService) -> None:
 
     config, reactor, store = relay.config, relay.reactor, relay.store
     tls = _tls_context(config)
+    _watch_certificate(relay, tls)
     threads = ThreadPool(minthreads=2, maxthreads=4, name="mailrelay-io")
     try:
         spool = Spool(str(config.server.data_dir / "spool"), reactor, threads, reactor)

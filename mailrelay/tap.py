@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 from typing import Any
 
@@ -66,7 +67,14 @@ def makeService(options: Options) -> IService:
         fail(str(e))
         raise  # not reached
     service.ready.addCallback(lambda _: tune_collector())
+    watch_hangup(reactor, service.reload)
     return service
+
+
+def watch_hangup(reactor: Any, reload: Any) -> None:
+    """``kill -HUP`` re-reads the certificate (after a renewal), in the reactor thread."""
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
 
 
 def main(argv: list[str] | None = None) -> Any:  # pragma: no cover - convenience for `python -m`

@@ -198,6 +198,50 @@ class ReloadingContextFactoryTests(SynchronousTestCase):
         self.assertEqual(peer_serial(factory), second)
 
 
+    def test_reload_if_changed(self) -> None:
+        """
+        A renewal (new files renamed into place) is picked up once; an
+        unusable change raises once and keeps the certificate until the
+        next change.
+        """
+        directory = self.mktemp()
+        cert_path, key_path = write_pems(directory)
+        factory = ReloadingContextFactory(cert_path, key_path)
+        first = peer_serial(factory)
+        self.assertFalse(factory.reload_if_changed())
+        replace_pems(directory, OTHER_LEAF)
+        self.assertTrue(factory.reload_if_changed())
+        second = peer_serial(factory)
+        self.assertNotEqual(second, first)
+        self.assertFalse(factory.reload_if_changed())
+        replace_file(key_path, LEAF.private_key_pem.bytes())  # the key of the other certificate
+        self.assertRaises(TLSConfigError, factory.reload_if_changed)
+        self.assertFalse(factory.reload_if_changed())  # not tried (nor logged) again until the next change
+        self.assertEqual(peer_serial(factory), second)
+        replace_pems(directory, LEAF)
+        self.assertTrue(factory.reload_if_changed())
+        self.assertEqual(peer_serial(factory), first)
+
+    def test_missing_files(self) -> None:
+        """Files that are gone for a moment (mid-renewal) are no change."""
+        directory = self.mktemp()
+        cert_path, key_path = write_pems(directory)
+        factory = ReloadingContextFactory(cert_path, key_path)
+        os.unlink(cert_path)
+        self.assertFalse(factory.reload_if_changed())
+
+
+def replace_file(path: str, data: bytes) -> None:
+    """Write ``data`` beside ``path`` and rename it into place, as renewal tools do."""
+    Path(path + ".new").write_bytes(data)
+    os.replace(path + ".new", path)
+
+
+def replace_pems(directory: str, leaf: trustme.LeafCert) -> None:
+    replace_file(os.path.join(directory, "cert.pem"), b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    replace_file(os.path.join(directory, "key.pem"), leaf.private_key_pem.bytes())
+
+
 class SelfSignedTests(SynchronousTestCase):
     """ensure_self_signed."""
 

@@ -6,10 +6,19 @@ and refuses to start with one sentence when it cannot run.
 from __future__ import annotations
 
 import json
+import signal
+import smtplib
+import ssl
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+from cryptography import x509
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailrelay.storage.migrations import latest_version
@@ -112,3 +121,113 @@ class CollectorTests(SynchronousTestCase):
         tune_collector()
         self.assertEqual(gc.get_threshold(), (10_000, 20, 20))
         self.assertGreater(gc.get_freeze_count(), 0)
+
+
+class CertificateWatchTests(SynchronousTestCase):
+    """The relay picks up a renewed certificate on a timer (and on SIGHUP, below) without a restart."""
+
+    def relay_with_certificate(self, interval: float) -> tuple[Any, Any, Clock, str]:
+        from mailrelay.config import load_config
+        from mailrelay.service import RelayService, _watch_certificate
+        from mailrelay.smtp.tls import ReloadingContextFactory
+        from tests.test_smtp_tls import write_pems
+
+        directory = Path(self.mktemp()).resolve()
+        cert, key = write_pems(str(directory / "tls"))
+        config_path = directory / "mailrelay.toml"
+        config_path.write_text(
+            f'[server]\ndata_dir = "{directory / "data"}"\n'
+            f'[tls]\ncertificate = "{cert}"\nprivate_key = "{key}"\nreload_interval = {interval}\n'
+        )
+        clock = Clock()
+        relay = RelayService(load_config(config_path), clock, None, None)  # type: ignore[arg-type]
+        factory = ReloadingContextFactory(cert, key)
+        _watch_certificate(relay, factory)
+        for step in relay.startup_steps:
+            self.successResultOf(ensureDeferred(step()))  # type: ignore[arg-type]
+        return relay, factory, clock, str(directory / "tls")
+
+    def test_timer(self) -> None:
+        """A renewal is served after the next check; a bad one is logged once and the old certificate stays."""
+        from tests.test_smtp_tls import LEAF, OTHER_LEAF, peer_serial, replace_file, replace_pems
+
+        relay, factory, clock, tls_dir = self.relay_with_certificate(60)
+        first = peer_serial(factory)
+        replace_pems(tls_dir, OTHER_LEAF)
+        clock.advance(59)
+        self.assertEqual(peer_serial(factory), first)
+        with capturedLogs() as events:
+            clock.advance(1)
+            second = peer_serial(factory)
+            self.assertNotEqual(second, first)
+            replace_file(str(Path(tls_dir) / "key.pem"), LEAF.private_key_pem.bytes())
+            clock.advance(60)
+            clock.advance(60)
+        text = [formatEvent(e) for e in events]
+        self.assertEqual(sum("loaded the renewed certificate" in t for t in text), 1, text)
+        self.assertEqual(sum("cannot be used, the current certificate stays" in t for t in text), 1, text)
+        self.assertEqual(peer_serial(factory), second)
+        for step in relay.shutdown_steps:
+            self.successResultOf(ensureDeferred(step()))  # type: ignore[arg-type]
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_zero_interval(self) -> None:
+        """reload_interval = 0: no timer, only an explicit reload (SIGHUP) looks at the files."""
+        from tests.test_smtp_tls import OTHER_LEAF, peer_serial, replace_pems
+
+        relay, factory, clock, tls_dir = self.relay_with_certificate(0)
+        first = peer_serial(factory)
+        replace_pems(tls_dir, OTHER_LEAF)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(peer_serial(factory), first)
+        relay.reload()
+        self.assertNotEqual(peer_serial(factory), first)
+
+    def test_negative_interval(self) -> None:
+        """A negative interval is a configuration error with a sentence."""
+        from mailrelay.config import ConfigError, load_config
+
+        path = Path(self.mktemp())
+        path.write_text("[tls]\nreload_interval = -5\n")
+        error = self.assertRaises(ConfigError, load_config, path)
+        self.assertIn("tls.reload_interval", str(error))
+
+
+class HangupTests(SynchronousTestCase):
+    def test_sighup_reloads_certificate(self) -> None:
+        """End to end: after the files are replaced, `kill -HUP` makes new STARTTLS sessions get the new certificate."""
+        from tests.test_smtp_tls import LEAF, OTHER_LEAF, replace_pems, write_pems
+
+        directory = Path(self.mktemp())
+        cert, key = write_pems(str((directory / "tls").resolve()))
+        relay = RelayProcess(
+            directory / "relay",
+            extra=f'[tls]\ncertificate = "{cert}"\nprivate_key = "{key}"\nreload_interval = 0\n',
+        )
+        self.addCleanup(relay.kill)
+        relay.start()
+
+        def served_serial() -> int:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            with smtplib.SMTP("127.0.0.1", relay.port("submission"), timeout=10) as client:
+                client.starttls(context=context)
+                der = client.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+            return x509.load_der_x509_certificate(der).serial_number
+
+        self.assertEqual(served_serial(), _serial(LEAF))
+        replace_pems(str(Path(cert).parent), OTHER_LEAF)
+        self.assertEqual(served_serial(), _serial(LEAF))  # no timer: nothing changes by itself
+        assert relay.process is not None
+        relay.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while served_serial() != _serial(OTHER_LEAF):
+            self.assertLess(time.monotonic(), deadline, relay.output())
+            time.sleep(0.1)
+        self.assertIn("loaded the renewed certificate", relay.output())
+        self.assertIn(relay.stop(), (0, -15))
+
+
+def _serial(leaf: Any) -> int:
+    return x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()).serial_number

@@ -117,6 +117,7 @@ class ReloadingContextFactory:
     def __init__(self, cert_chain_pem_path: StrPath, key_pem_path: StrPath) -> None:
         self.cert_path = cert_chain_pem_path
         self.key_path = key_pem_path
+        self._seen = self._stamp()
         self._options = server_context_factory(cert_chain_pem_path, key_pem_path)
 
     def getContext(self) -> SSL.Context:
@@ -125,6 +126,29 @@ class ReloadingContextFactory:
     def reload(self) -> None:
         """Re-read both files; raise ``TLSConfigError`` and keep the old ones if unusable."""
         self._options = server_context_factory(self.cert_path, self.key_path)
+
+    def _stamp(self) -> tuple[tuple[int, int, int, int], ...] | None:
+        # Through symbolic links (certbot's live/ names point at the newest files).
+        try:
+            return tuple(
+                (s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for s in map(os.stat, (self.cert_path, self.key_path))
+            )
+        except OSError:
+            return None
+
+    def reload_if_changed(self) -> bool:
+        """
+        Reload if either file changed since it was last read; True if it did.
+        A change that cannot be used raises ``TLSConfigError`` once and keeps
+        the current certificate; the next change is tried again (a renewal
+        that writes the certificate and the key one after the other).
+        """
+        stamp = self._stamp()
+        if stamp is None or stamp == self._seen:
+            return False
+        self._seen = stamp
+        self.reload()
+        return True
 
 
 def implicit_tls_factory(factory: SMTPServerFactory, context_factory: Any) -> TLSMemoryBIOFactory:
