@@ -130,9 +130,8 @@ class ReloadingContextFactory:
     def _stamp(self) -> tuple[tuple[int, int, int, int], ...] | None:
         # Through symbolic links (certbot's live/ names point at the newest files).
         try:
-            return tuple(
-                (s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for s in map(os.stat, (self.cert_path, self.key_path))
-            )
+            stats = [os.stat(self.cert_path), os.stat(self.key_path)]
+            return tuple((s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for s in stats)
         except OSError:
             return None
 
