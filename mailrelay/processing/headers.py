@@ -30,10 +30,12 @@ class Field:
 
     name: bytes
     raw: bytes
+    #: The field name, lowercased, as text (names are ASCII); made once, read
+    #: dozens of times per message by the policy, the controls and rendering.
+    lname: str = attrs.field(init=False, eq=False, repr=False)
 
-    @property
-    def lname(self) -> str:
-        """The field name, lowercased, as text (names are ASCII)."""
+    @lname.default
+    def _lname(self) -> str:
         return self.name.decode("ascii").lower()
 
     @property

@@ -154,6 +154,7 @@ def _unpack_queue_id(data: bytes) -> str:
     raise TokenError("unknown queue id encoding")
 
 
+@functools.lru_cache(maxsize=32)  # every VERP address of every message derives the same key
 def _derive(secret: bytes, purpose: bytes) -> bytes:
     if len(secret) < 16:
         raise ValueError("a token secret needs at least 16 bytes")
