@@ -40,7 +40,7 @@ smarthost = "127.0.0.1:$SINK_PORT"
 smarthost_tls = "none"
 # Postfix relays with up to 20 smtp processes to its relayhost, Haraka with up to 100 outbound
 # connections (concurrency_max); 50 sits between them.
-concurrency_per_destination = 50
+concurrency_per_destination = ${MR_CONCURRENCY:-50}
 TOML
   done
   local mr=("$MR_BIN/mailrelay" --config "$dir/mailrelay-0.toml")
