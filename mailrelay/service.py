@@ -396,6 +396,9 @@ def _watch_certificate(relay: RelayService, tls: Any) -> None:
         except TLSConfigError as e:
             log.error("TLS: the changed certificate files cannot be used, the current certificate stays: {error}",
                       error=str(e))
+        except Exception:
+            # Keep the watcher (a LoopingCall stops on an exception) and the current certificate.
+            log.failure("TLS: checking the certificate files failed; the current certificate stays")
 
     relay.reload_steps.append(check)
     interval = relay.config.tls.reload_interval

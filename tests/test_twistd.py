@@ -171,6 +171,29 @@ class CertificateWatchTests(SynchronousTestCase):
             self.successResultOf(ensureDeferred(step()))  # type: ignore[arg-type]
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_unexpected_error_keeps_watching(self) -> None:
+        """An unexpected error while checking is logged; the timer goes on and the certificate stays."""
+        from mailrelay.service import _watch_certificate
+
+        relay, factory, clock, _ = self.relay_with_certificate(60)
+        calls = []
+
+        class Broken:
+            cert_path = factory.cert_path
+
+            def reload_if_changed(self) -> bool:
+                calls.append(clock.seconds())
+                raise RuntimeError("disk on fire")
+
+        relay.startup_steps.clear()
+        _watch_certificate(relay, Broken())
+        for step in relay.startup_steps:
+            self.successResultOf(ensureDeferred(step()))  # type: ignore[arg-type]
+        clock.advance(60)
+        clock.advance(60)
+        self.assertEqual(len([t for t in calls if t >= 60]), 2)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
     def test_zero_interval(self) -> None:
         """reload_interval = 0: no timer, only an explicit reload (SIGHUP) looks at the files."""
         from tests.test_smtp_tls import OTHER_LEAF, peer_serial, replace_pems
