@@ -84,14 +84,19 @@ anchor_mailrelay() {
   stop_sink
 }
 
-# The cells this project compares against, without the peers' other cases (plain, 1 msg/session,
-# smtp-source cross-check): STARTTLS + AUTH (b) and STARTTLS + AUTH + DKIM (c), at every size.
-anchor_postfix_bc() {
-  log "== Anchor A (b, c): Postfix $(postconf -h mail_version) + Dovecot SASL + OpenDKIM"
+# Postfix (+ Dovecot SASL + OpenDKIM) and the sink, up for a group of cells.
+postfix_up() {
   postfix_configure
   start_sink
   postfix_start
   SERVER_PIDS=("$POSTFIX_PID" "$DOVECOT_PID" "$OPENDKIM_PID")
+}
+
+# The cells this project compares against, without the peers' other cases (plain, 1 msg/session,
+# smtp-source cross-check): STARTTLS + AUTH (b) and STARTTLS + AUTH + DKIM (c), at every size.
+anchor_postfix_bc() {
+  log "== Anchor A (b, c): Postfix $(postconf -h mail_version) + Dovecot SASL + OpenDKIM"
+  postfix_up
   local size
   for size in $SIZES; do
     cell postfix b "$size" $PF_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
@@ -153,10 +158,7 @@ anchor_mailrelay_t() { MR_TRACKING=on mailrelay_case t html_cell; }
 
 anchor_postfix_t() {
   log "== Postfix + OpenDKIM, HTML load (t)"
-  postfix_configure
-  start_sink
-  postfix_start
-  SERVER_PIDS=("$POSTFIX_PID" "$DOVECOT_PID" "$OPENDKIM_PID")
+  postfix_up
   local size
   for size in $SIZES; do
     html_cell postfix t "$size" $PF_SUB_DKIM "$PER_SESSION" --starttls "${AUTHARGS[@]}"
