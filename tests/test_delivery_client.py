@@ -999,6 +999,28 @@ class DeliveryClientTests(SynchronousTestCase):
         self.assertEqual(len(client.pool), 0)
         self.assertTrue(pipe.client.closed)
 
+    def test_reuse_hooks_the_connection_once(self) -> None:
+        """
+        A connection carrying many messages is hooked to the pool once: the
+        pool's hang-up callbacks do not grow with each message it carried.
+        """
+        sink = Sink()
+        client = self.client()
+        d = client.deliver(DEST, message("a@example.com"))
+        pipe = self.connect(sink)
+        self.successResultOf(d)
+        for i in range(20):
+            d = client.deliver(DEST, message(f"m{i}@example.com"))
+            pipe.flush()
+            self.assertEqual(self.successResultOf(d)[0].status, DELIVERED)
+        self.assertEqual(sink.connections, 1)
+        [[(conn, _)]] = client.pool._idle.values()
+        self.assertEqual(len(conn._lost_callbacks), 1)
+        pipe.server.loseConnection()
+        pipe.flush()
+        self.assertEqual(len(client.pool), 0)
+        self.assertEqual(client.pool._watched, set())
+
     def test_reuse_after_rejection_sends_rset(self) -> None:
         """A transaction that ended without DATA is followed by RSET on the reused connection."""
         sink = Sink()

@@ -917,6 +917,9 @@ class ConnectionPool:
         self._idle_timeout = idle_timeout
         self._max = max_idle_per_key
         self._idle: dict[PoolKey, list[tuple[SMTPClientProtocol, Any]]] = {}
+        # Connections whose hang-up already removes them from the pool: one hook per connection,
+        # not one per message it carried.
+        self._watched: set[SMTPClientProtocol] = set()
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._idle.values())
@@ -941,7 +944,13 @@ class ConnectionPool:
             return
         timer = self._clock.callLater(self._idle_timeout, self._expire, key, conn)
         entries.append((conn, timer))
-        conn.on_lost(lambda c: self._remove(key, c))
+        if conn not in self._watched:
+            self._watched.add(conn)
+            conn.on_lost(lambda c: self._lost(key, c))
+
+    def _lost(self, key: PoolKey, conn: SMTPClientProtocol) -> None:
+        self._watched.discard(conn)
+        self._remove(key, conn)
 
     def _remove(self, key: PoolKey, conn: SMTPClientProtocol) -> None:
         entries = self._idle.get(key, [])
