@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""
+Per-pair ratios of a paired run (``bench/run.sh pair_b0``): mailrelay's n-th measured run divided by
+Postfix's n-th, which ran next to it, and the median of those ratios.
+
+    bench/pairs.py bench/results/raw-YYYYMMDD-HHMMSS.jsonl
+
+Postfix's accepted rate swings by up to 2x between neighbouring runs while mailrelay's stays within a few
+percent, so a ratio per pair, then the median, says more than the ratio of the two medians.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+
+def main(path: str) -> None:
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    sizes = sorted({int(r["size"]) for r in rows if r["anchor"] == "mailrelay" and r["case"] == "b0"})
+    print("| size | accepted ratio per pair | median | e2e ratio per pair | median | Postfix b msg/s per run |")
+    print("|---|---|---|---|---|---|")
+    for size in sizes:
+        mr = [r for r in rows if (r["anchor"], r["case"], int(r["size"])) == ("mailrelay", "b0", size)]
+        pf = [r for r in rows if (r["anchor"], r["case"], int(r["size"])) == ("postfix", "b", size)]
+        pairs = list(zip(mr, pf, strict=False))
+        if not pairs:
+            continue
+        acc = [m["msgs_per_s"] / p["msgs_per_s"] for m, p in pairs]
+        e2e = [m["e2e_msgs_per_s"] / p["e2e_msgs_per_s"] for m, p in pairs if p.get("e2e_msgs_per_s")]
+        print(
+            f"| {size // 1024} KB | {', '.join(f'{x:.2f}' for x in acc)} | **{statistics.median(acc):.2f}x** | "
+            f"{', '.join(f'{x:.2f}' for x in e2e)} | {statistics.median(e2e):.2f}x | "
+            f"{', '.join(str(round(p['msgs_per_s'])) for _, p in pairs)} |"
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
