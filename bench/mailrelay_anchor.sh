@@ -108,16 +108,21 @@ anchor_postfix_bc() {
   stop_sink
 }
 
-# Postfix's b cell alone: the accepted-rate comparison (b0 / Postfix b) without the DKIM cells.
-anchor_postfix_b() {
-  log "== Anchor A (b): Postfix $(postconf -h mail_version) + Dovecot SASL"
+# postfix_cells CASE PORT CELL: Postfix up, CELL (cell or html_cell) for CASE at every size, Postfix down.
+postfix_cells() {
+  local case=$1 port=$2 run=$3 size
   postfix_up
-  local size
   for size in $SIZES; do
-    cell postfix b "$size" $PF_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
+    "$run" postfix "$case" "$size" "$port" "$PER_SESSION" --starttls "${AUTHARGS[@]}"
   done
   postfix_stop
   stop_sink
+}
+
+# Postfix's b cell alone: the accepted-rate comparison (b0 / Postfix b) without the DKIM cells.
+anchor_postfix_b() {
+  log "== Anchor A (b): Postfix $(postconf -h mail_version) + Dovecot SASL"
+  postfix_cells b $PF_SUB cell
 }
 
 # Paired runs for the accepted-rate ratio (mailrelay b0 / Postfix b): both servers up at once and their
@@ -202,13 +207,7 @@ anchor_mailrelay_t() { MR_TRACKING=on mailrelay_case t html_cell; }
 
 anchor_postfix_t() {
   log "== Postfix + OpenDKIM, HTML load (t)"
-  postfix_up
-  local size
-  for size in $SIZES; do
-    html_cell postfix t "$size" $PF_SUB_DKIM "$PER_SESSION" --starttls "${AUTHARGS[@]}"
-  done
-  postfix_stop
-  stop_sink
+  postfix_cells t $PF_SUB_DKIM html_cell
 }
 
 anchor_haraka_t() {
