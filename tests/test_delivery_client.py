@@ -132,6 +132,15 @@ def ehlo_reply(*extensions: str) -> bytes:
 TRICKY = b".leading dot\r\n..two dots\n.\r\nmiddle\r.\ntext with \r\n.\r\n inside\r\n.\r\n."
 
 
+class OutboundMessageTests(SynchronousTestCase):
+    def test_with_recipients(self) -> None:
+        """A copy for fewer recipients; the same message when all of them remain."""
+        m = message("a@example.com", "b@example.com")
+        self.assertIs(m.with_recipients(["a@example.com", "b@example.com"]), m)
+        fewer = m.with_recipients(["b@example.com"])
+        self.assertEqual((fewer.recipients, fewer.body), (("b@example.com",), m.body))
+
+
 class DotStufferTests(SynchronousTestCase):
     def test_crlf_kept(self) -> None:
         """CRLF line endings pass unchanged and the terminator is added."""
@@ -671,6 +680,25 @@ class TimeoutTests(ProtocolTestMixin, SynchronousTestCase):
     def test_data_end(self) -> None:
         """Final reply timeout after the dot."""
         self.stage(b"250 Ok\r\n250 Ok\r\n250 Ok\r\n354 Go\r\n", 16, "end of data")
+
+    def test_one_timer_per_connection(self) -> None:
+        """
+        A connection keeps one read timer from message to message.  Idle in
+        between, it is not timed out; the next wait counts from its own command.
+        """
+        proto, transport = self.ready("PIPELINING", timeouts=self.T)
+        d = proto.send(message("a@example.com"))
+        [timer] = self.clock.getDelayedCalls()
+        proto.dataReceived(b"250 Ok\r\n250 Ok\r\n354 Go\r\n250 Ok\r\n")
+        self.assertEqual(self.successResultOf(d).results[0].status, DELIVERED)
+        self.assertEqual(self.clock.getDelayedCalls(), [timer])  # moved on, not replaced
+        self.clock.advance(100)  # longer than every timeout, with nothing awaited
+        self.assertFalse(transport.disconnecting)
+        d = proto.send(message("b@example.com"))
+        proto.dataReceived(b"250 Ok\r\n250 Ok\r\n")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.check(d, 15, transport)
+        self.assertIn("DATA", str(self.successResultOf(d).results[0].reply))
 
 
 # ---------------------------------------------------------------------------

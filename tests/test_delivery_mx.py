@@ -394,6 +394,9 @@ class SmarthostTests(SynchronousTestCase):
         resolver = SmarthostResolver(smarthost_destination("relay.example.com"))
         dest = self.successResultOf(resolver.resolve("Example.ORG."))
         self.assertEqual((dest.domain, dest.hosts[0].name), ("example.org", "relay.example.com"))
+        self.assertIs(self.successResultOf(resolver.resolve("Example.ORG.")), dest)  # made once per domain
+        other = self.successResultOf(resolver.resolve("example.net"))
+        self.assertEqual((other.domain, other.hosts), ("example.net", dest.hosts))
 
     def test_system_nameservers(self) -> None:
         """Name servers come from resolv.conf as (address, port) pairs."""

@@ -469,8 +469,8 @@ class SMTPClientProtocol(Protocol):
                 return
             waiter = self._waiter
             if waiter is not None:
+                # The read timer stays armed (see ``_read``): it ignores a firing with nothing awaited.
                 self._waiter = None
-                self._cancel_timer()
                 waiter.callback(reply)
             else:
                 self._replies.append(reply)
@@ -505,14 +505,24 @@ class SMTPClientProtocol(Protocol):
             return fail(_Lost(stage, self.lost))
         d: Deferred[Reply] = Deferred()
         self._waiter = d
-        self._timer = self.clock.callLater(timeout, self._timed_out, stage)
+        # One timer per connection, moved on with each read: moving a timer
+        # later is cheap (the reactor re-sorts it only when its old time
+        # comes), while a new timer per reply costs a heap insertion and a
+        # cancellation, four times per message on a busy connection.
+        timer = self._timer
+        if timer is not None and timer.active() and timer.getTime() <= self.clock.seconds() + timeout:
+            timer.reset(timeout)
+        else:
+            self._cancel_timer()
+            self._timer = self.clock.callLater(timeout, self._timed_out)
         return d
 
-    def _timed_out(self, stage: str) -> None:
+    def _timed_out(self) -> None:
         self._timer = None
         waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            waiter.errback(_WaitTimeout(stage))
+        if waiter is None:
+            return  # the reply came in time; the connection is idle, which is the pool's business
+        waiter.errback(_WaitTimeout(self._stage))
         self.transport.abortConnection()  # type: ignore[union-attr]
 
     def _discard_input(self) -> None:

@@ -201,4 +201,6 @@ class OutboundMessage:
         )
 
     def with_recipients(self, recipients: Iterable[str]) -> OutboundMessage:
-        return attrs.evolve(self, recipients=tuple(recipients))
+        recipients = tuple(recipients)
+        # The usual case, every recipient still pending, needs no copy (evolve is not cheap).
+        return self if recipients == self.recipients else attrs.evolve(self, recipients=recipients)

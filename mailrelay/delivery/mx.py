@@ -493,6 +493,13 @@ class SmarthostResolver:
 
     def __init__(self, destination: Destination) -> None:
         self.destination = destination
+        self._by_domain: dict[str, Destination] = {}
 
     def resolve(self, domain: str) -> Deferred[Destination]:
-        return succeed(attrs.evolve(self.destination, domain=domain.rstrip(".").lower()))
+        found = self._by_domain.get(domain)
+        if found is None:
+            # One copy per recipient domain, kept: this runs for every message.
+            if len(self._by_domain) >= 4096:
+                self._by_domain.clear()
+            found = self._by_domain[domain] = attrs.evolve(self.destination, domain=domain.rstrip(".").lower())
+        return succeed(found)
