@@ -77,6 +77,28 @@ class TTLCacheTests(SynchronousTestCase):
         loads[1].callback("v2")
         self.assertEqual(self.successResultOf(third), "v2")
 
+    def test_fresh(self) -> None:
+        """``fresh`` answers from the cache only: nothing while missing, loading or expired."""
+        clock = Clock()
+        loads: list[Deferred[str | None]] = []
+
+        def load(key: str) -> Deferred[str | None]:
+            d: Deferred[str | None] = Deferred()
+            loads.append(d)
+            return d
+
+        cache: TTLCache[str, str | None] = TTLCache(clock, 10, load)
+        self.assertIsNone(cache.fresh("k"))
+        d = ensureDeferred(cache.get("k"))
+        self.assertIsNone(cache.fresh("k"))
+        loads[0].callback(None)
+        self.successResultOf(d)
+        self.assertEqual(cache.fresh("k"), (None,))  # a cached None is an answer too
+        self.assertEqual(len(loads), 1)
+        clock.advance(11)
+        self.assertIsNone(cache.fresh("k"))
+        self.assertEqual(len(loads), 1)
+
 
 class QuotaTestsMixin:
     engine: str

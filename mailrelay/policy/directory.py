@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from mailrelay.storage.errors import NotFound
@@ -51,6 +51,11 @@ class TTLCache(Generic[K, V]):
         self._max = max_entries
         self._values: dict[K, tuple[float, V]] = {}
         self._loading: dict[K, list[Deferred[V]]] = {}
+
+    def fresh(self, key: K) -> tuple[V] | None:
+        """``(value,)`` while ``key`` is cached and fresh, else None; never loads."""
+        hit = self._values.get(key)
+        return (hit[1],) if hit is not None and hit[0] > self._clock.seconds() else None
 
     async def get(self, key: K) -> V:
         now = self._clock.seconds()
@@ -106,8 +111,12 @@ class SenderDirectory:
         domains = await self._store.domains.list(account_id)
         return frozenset(d.domain for d in domains if d.verified)
 
+    # Both run for every message: a fresh entry is answered without a coroutine.
+
     def account(self, account_id: int) -> Deferred[AccountFacts | None]:
-        return ensureDeferred(self._accounts.get(account_id))
+        hit = self._accounts.fresh(account_id)
+        return succeed(hit[0]) if hit is not None else ensureDeferred(self._accounts.get(account_id))
 
     def verified_domains(self, account_id: int) -> Deferred[frozenset[str]]:
-        return ensureDeferred(self._domains.get(account_id))
+        hit = self._domains.fresh(account_id)
+        return succeed(hit[0]) if hit is not None else ensureDeferred(self._domains.get(account_id))
