@@ -669,7 +669,10 @@ class QueueManager:
         entry = job.entry
         entry.jobs_left -= 1
         if entry.jobs_left <= 0 and entry.state == "active":
-            self._spawn(self._finish_pass(entry), f"end of pass of {entry.queue_id}")
+            if entry.bounces or (self.settings.delay_notice_after is not None and not entry.notified):
+                self._spawn(self._finish_pass(entry), f"end of pass of {entry.queue_id}")
+            else:
+                self._end_pass(entry)  # no notice to send: the usual end of a pass needs no coroutine
         self._kick()
 
     def _suspend(self, dest: Destination) -> None:
