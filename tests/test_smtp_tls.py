@@ -20,7 +20,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -33,6 +34,7 @@ from mailrelay.smtp.tls import (
     implicit_tls_factory,
     server_context_factory,
 )
+from mailrelay.smtp.tlslayer import write_through
 from tests.support.smtp_fakes import FakeDelegate, LineClient, connect_pair
 
 HOST = "mx.example.com"
@@ -351,6 +353,33 @@ class StartTLSTests(SynchronousTestCase):
         self.assertEqual(self.delegate.names()[-1], "connection_lost")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_replies_written_at_once(self) -> None:
+        """
+        After STARTTLS a reply is encrypted and handed to the socket when the
+        server writes it, without Twisted's hold-for-one-turn batching (the
+        server batches its replies itself).
+        """
+        self.client.take()
+        self.say(b"EHLO client.example.org")
+        self.say(b"STARTTLS")
+        self.client.transport.startTLS(client_options())  # type: ignore[union-attr]
+        self.pump.flush()
+        transport = self.server.transport
+        layer = transport.protocol
+        self.assertIsInstance(layer, TLSMemoryBIOProtocol)
+        timers = self.clock.getDelayedCalls()
+        sent = len(transport.stream)
+        self.server._reply(replies.OK)
+        self.server._flush()
+        self.assertGreater(len(transport.stream), sent)
+        self.assertEqual(self.clock.getDelayedCalls(), timers)
+        self.assertEqual(self.say(b"NOOP"), [str(replies.OK), str(replies.OK)])
+
+    def test_write_through_other_transports(self) -> None:
+        """A transport without Twisted's batching TLS layer is left as it is."""
+        transport = StringTransport()
+        self.assertFalse(write_through(transport))
+
     def test_injection(self) -> None:
         """Plaintext pipelined after STARTTLS never runs, even once TLS is up."""
         self.client.take()
@@ -391,4 +420,6 @@ class ImplicitTLSTests(SynchronousTestCase):
         self.assertEqual(line_client.take(), [str(replies.AUTH_SUCCESSFUL), str(replies.SENDER_OK)])
         session = delegate.calls[-1][1]
         self.assertEqual((session.tls, session.tls_version), (True, "TLSv1.3"))
+        # Each reply goes out when written: the TLS layer without Twisted's batching.
+        self.assertIs(type(server), TLSMemoryBIOProtocol)
         self.assertEqual(session.client_ip, "198.51.100.9")

@@ -52,6 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.smtp import replies
+from mailrelay.smtp.tlslayer import write_through
 from mailrelay.types import Envelope, MailParams, Principal, Reply, SessionInfo, SMTPReplyError
 
 log = Logger()
@@ -818,6 +819,7 @@ class SMTPServerProtocol(Protocol):
                 tls=True,
             )
             self.transport.startTLS(self.factory.tls_context_factory)
+            write_through(self.transport)  # replies are batched here already
 
     def do_AUTH(self, arg: bytes) -> None:
         session = self.session

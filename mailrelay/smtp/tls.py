@@ -25,10 +25,10 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLContextFactory, IReactorTime
 from twisted.internet.ssl import CertificateOptions, TLSVersion
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from mailrelay.smtp.protocol import SMTPServerFactory
+from mailrelay.smtp.tlslayer import DirectTLSFactory
 
 StrPath = str | os.PathLike[str]
 
@@ -150,14 +150,14 @@ class ReloadingContextFactory:
         return True
 
 
-def implicit_tls_factory(factory: SMTPServerFactory, context_factory: Any) -> TLSMemoryBIOFactory:
+def implicit_tls_factory(factory: SMTPServerFactory, context_factory: Any) -> DirectTLSFactory:
     """
     Wrap ``factory`` so every connection is TLS from its first byte, for the
     ``submissions`` listener (give its ``SMTPServerFactory`` settings with
-    ``implicit_tls=True`` and no STARTTLS context).  The TLS layer batches
-    small writes on the factory's clock, not on the global reactor.
+    ``implicit_tls=True`` and no STARTTLS context).  Each write is encrypted
+    at once (``mailrelay.smtp.tlslayer``): the server batches its replies.
     """
-    return TLSMemoryBIOFactory(context_factory, False, factory, clock=factory.clock)
+    return DirectTLSFactory(context_factory, False, factory, clock=factory.clock)
 
 
 def _write_atomically(path: Path, data: bytes, mode: int) -> None:
