@@ -392,6 +392,24 @@ class OutcomeTests(SpoolTestCase):
         self.assertEqual(spool.get(qid).state_of(RCPTS[0]).status, Status.DELIVERED)  # type: ignore[union-attr]
 
     @async_test
+    async def test_get_shares_a_snapshot_until_it_changes(self) -> None:
+        """``get`` answers with one snapshot until a record or a hold changes the message."""
+        spool, _ = await self.open()
+        qid = await self.put(spool, b"body\r\n")
+        first = spool.get(qid)
+        self.assertIs(spool.get(qid), first)
+        await spool.record(qid, {RCPTS[0]: RecipientState.delivered("250 ok")})
+        second = spool.get(qid)
+        assert first is not None and second is not None
+        self.assertEqual(first.state_of(RCPTS[0]).status, Status.PENDING)  # the old snapshot stays as it was
+        self.assertEqual(second.state_of(RCPTS[0]).status, Status.DELIVERED)
+        await spool.hold(qid)
+        held = spool.get(qid)
+        assert held is not None
+        self.assertEqual((second.held, held.held), (False, True))
+        self.assertIs(spool.get(qid), held)
+
+    @async_test
     async def test_hold_release_delete(self) -> None:
         """Hold, release and delete are durable; deleted messages are gone for good."""
         spool, _ = await self.open()

@@ -121,6 +121,7 @@ class _Entry:
     """The in-memory index entry of one message (live, or committing)."""
 
     __slots__ = (
+        "_snapshot",
         "body_crc",
         "body_offset",
         "created",
@@ -167,11 +168,17 @@ class _Entry:
         self.body_crc = body_crc
         self.visible = False
         self.finished = False
+        self._snapshot: SpooledMessage | None = None
 
     def snapshot(self) -> SpooledMessage:
-        return SpooledMessage(
-            self.queue_id, self.envelope, self.recipients, self.states, self.size, self.created, self.held
-        )
+        # The queue asks several times per delivery; only the states (a new
+        # tuple on every change) and ``held`` change after the commit.
+        snap = self._snapshot
+        if snap is None or snap.states is not self.states or snap.held != self.held or snap.size != self.size:
+            snap = self._snapshot = SpooledMessage(
+                self.queue_id, self.envelope, self.recipients, self.states, self.size, self.created, self.held
+            )
+        return snap
 
     def all_final(self) -> bool:
         return all(s.is_final for s in self.states)
