@@ -29,6 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from mailrelay.delivery.client import (
     ClientConfig,
     ConnectionLevelError,
+    ConnectionPool,
     DeliveryClient,
     DotStuffer,
     ReplyParser,
@@ -1042,12 +1043,64 @@ class DeliveryClientTests(SynchronousTestCase):
             pipe.flush()
             self.assertEqual(self.successResultOf(d)[0].status, DELIVERED)
         self.assertEqual(sink.connections, 1)
-        [[(conn, _)]] = client.pool._idle.values()
+        [[conn]] = client.pool._idle.values()
         self.assertEqual(len(conn._lost_callbacks), 1)
         pipe.server.loseConnection()
         pipe.flush()
         self.assertEqual(len(client.pool), 0)
         self.assertEqual(client.pool._watched, set())
+        self.assertEqual(client.pool._timers, {})
+
+    def test_one_idle_timer_per_connection(self) -> None:
+        """
+        A connection put back after each message keeps one idle timer, moved
+        on each time: idle time counts from the last message, not the first.
+        """
+        sink = Sink()
+        client = self.client()
+        d = client.deliver(DEST, message("a@example.com"))
+        pipe = self.connect(sink)
+        self.successResultOf(d)
+        [timer] = client.pool._timers.values()
+        for i in range(3):
+            self.reactor.advance(4)  # each time within the 5 s idle timeout
+            d = client.deliver(DEST, message(f"m{i}@example.com"))
+            pipe.flush()
+            self.assertEqual(self.successResultOf(d)[0].status, DELIVERED)
+            self.assertEqual(list(client.pool._timers.values()), [timer])
+        self.reactor.advance(4.9)
+        pipe.flush()
+        self.assertEqual((sink.quits, len(client.pool)), (0, 1))
+        self.reactor.advance(0.2)
+        pipe.flush()
+        self.assertEqual((sink.quits, len(client.pool)), (1, 0))
+
+    def test_idle_timer_while_in_use(self) -> None:
+        """The idle timer going off while its connection carries a message does not close it."""
+
+        class Conn:
+            alive = True
+            quits = 0
+
+            def quit(self) -> None:
+                self.quits += 1
+
+            def on_lost(self, callback: Any) -> None:
+                pass
+
+        clock = Clock()
+        pool = ConnectionPool(clock, idle_timeout=5.0)
+        key: Any = ("mx1.example.com", None, 25, TLSPolicy("none"), None)
+        conn: Any = Conn()
+        pool.put(key, conn)
+        self.assertIs(pool.take(key), conn)
+        clock.advance(6)  # the timer goes off during a long transaction
+        self.assertEqual((conn.quits, pool._timers), (0, {}))
+        pool.put(key, conn)  # back in the pool: a new timer from now
+        clock.advance(4.9)
+        self.assertEqual(conn.quits, 0)
+        clock.advance(0.2)
+        self.assertEqual((conn.quits, len(pool)), (1, 0))
 
     def test_reuse_after_rejection_sends_rset(self) -> None:
         """A transaction that ended without DATA is followed by RSET on the reused connection."""

@@ -920,13 +920,20 @@ class ConnectionPool:
     """
     Idle connections by destination host, closed (QUIT) after ``idle``
     seconds on the injected clock or when the server hangs up.
+
+    Each connection has one idle timer for its life, moved on each time it
+    comes back: on a busy connection that is taken and put back for every
+    message, moving a timer later is cheap, while a new timer and a
+    cancellation per message are not.  A timer that fires while its
+    connection is in use does nothing.
     """
 
     def __init__(self, clock: IReactorTime, idle_timeout: float = 5.0, max_idle_per_key: int = 4) -> None:
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._max = max_idle_per_key
-        self._idle: dict[PoolKey, list[tuple[SMTPClientProtocol, Any]]] = {}
+        self._idle: dict[PoolKey, list[SMTPClientProtocol]] = {}
+        self._timers: dict[SMTPClientProtocol, Any] = {}
         # Connections whose hang-up already removes them from the pool: one hook per connection,
         # not one per message it carried.
         self._watched: set[SMTPClientProtocol] = set()
@@ -937,53 +944,66 @@ class ConnectionPool:
     def take(self, key: PoolKey) -> SMTPClientProtocol | None:
         entries = self._idle.get(key)
         while entries:
-            conn, timer = entries.pop()
-            if timer.active():
-                timer.cancel()
+            conn = entries.pop()
             if conn.alive:
                 if not entries:
                     del self._idle[key]
                 return conn
+            self._forget_timer(conn)
         self._idle.pop(key, None)
         return None
 
     def put(self, key: PoolKey, conn: SMTPClientProtocol) -> None:
         entries = self._idle.setdefault(key, [])
         if not conn.alive or len(entries) >= self._max:
+            if not entries:
+                del self._idle[key]
+            self._forget_timer(conn)
             conn.quit()
             return
-        timer = self._clock.callLater(self._idle_timeout, self._expire, key, conn)
-        entries.append((conn, timer))
+        timer = self._timers.get(conn)
+        if timer is not None and timer.active():
+            timer.reset(self._idle_timeout)
+        else:
+            self._timers[conn] = self._clock.callLater(self._idle_timeout, self._expire, key, conn)
+        entries.append(conn)
         if conn not in self._watched:
             self._watched.add(conn)
             conn.on_lost(lambda c: self._lost(key, c))
 
+    def _forget_timer(self, conn: SMTPClientProtocol) -> None:
+        timer = self._timers.pop(conn, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def _lost(self, key: PoolKey, conn: SMTPClientProtocol) -> None:
         self._watched.discard(conn)
         self._remove(key, conn)
+        self._forget_timer(conn)
 
-    def _remove(self, key: PoolKey, conn: SMTPClientProtocol) -> None:
+    def _remove(self, key: PoolKey, conn: SMTPClientProtocol) -> bool:
+        """Take ``conn`` out of the idle list; False when it was not idle (in use, or gone)."""
         entries = self._idle.get(key, [])
-        for i, (c, timer) in enumerate(entries):
+        for i, c in enumerate(entries):
             if c is conn:
-                if timer.active():
-                    timer.cancel()
                 del entries[i]
-                break
-        if not entries:
-            self._idle.pop(key, None)
+                if not entries:
+                    self._idle.pop(key, None)
+                return True
+        return False
 
     def _expire(self, key: PoolKey, conn: SMTPClientProtocol) -> None:
-        self._remove(key, conn)
-        conn.quit()
+        self._timers.pop(conn, None)
+        if self._remove(key, conn):
+            conn.quit()
 
     def close_all(self) -> Deferred[None]:
         """QUIT every idle connection (service shutdown)."""
-        conns = [c for entries in self._idle.values() for c, _ in entries]
-        for entries in self._idle.values():
-            for _, timer in entries:
-                if timer.active():
-                    timer.cancel()
+        conns = [c for entries in self._idle.values() for c in entries]
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
         self._idle.clear()
 
         async def run() -> None:
