@@ -1105,7 +1105,7 @@ class DeliveryClient:
         key: PoolKey = (host.name.lower(), ip, host.port, tls, destination.credentials)
         while (conn := self.pool.take(key)) is not None:
             try:
-                outcome = await conn.send(message)
+                outcome = await conn._send(message)  # the coroutine itself: no Deferred in between
             except _StaleConnection:
                 continue
             return self._finish(key, conn, outcome)
@@ -1123,7 +1123,7 @@ class DeliveryClient:
             log.info("{peer}: {reply}", peer=conn.peer, reply=str(e.reply))
             return self._all(message, e.reply, host, conn.ip, tls=conn.tls_active)
         try:
-            outcome = await conn.send(message)
+            outcome = await conn._send(message)
         except _StaleConnection:  # cannot happen on a fresh connection; be safe
             return self._all(message, Reply(451, "4.4.2", f"Lost connection with {conn.peer}"), host, ip)
         return self._finish(key, conn, outcome)
