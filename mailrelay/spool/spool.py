@@ -174,7 +174,7 @@ class _Entry:
         # The queue asks several times per delivery; only the states (a new
         # tuple on every change) and ``held`` change after the commit.
         snap = self._snapshot
-        if snap is None or snap.states is not self.states or snap.held != self.held or snap.size != self.size:
+        if snap is None or snap.states is not self.states or snap.held != self.held:
             snap = self._snapshot = SpooledMessage(
                 self.queue_id, self.envelope, self.recipients, self.states, self.size, self.created, self.held
             )
