@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 
 from mailrelay.config import Config
+from mailrelay.eagertcp import eager_port
 from mailrelay.storage.database import DatabasePool, DatabaseUnavailable, make_pool
 from mailrelay.storage.migrations import SchemaTooNew, check_version, migrate
 from mailrelay.storage.preflight import preflight
@@ -101,6 +102,7 @@ class RelayService(MultiService):
             endpoint = serverFromString(self.reactor, listener.description)
             try:
                 listener.port = await endpoint.listen(listener.factory)
+                eager_port(listener.port)  # replies go out at once, not on the reactor's next turn
             except CannotListenError as e:
                 await self._stop_listening()
                 raise StartupError(f"cannot listen on {listener.description} ({listener.mode}): "

@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
@@ -523,7 +524,10 @@ class ProtocolTests(ProtocolTestMixin, SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_async_body_source(self) -> None:
-        """An async chunk source is written as its chunks arrive, dot-stuffed across them."""
+        """
+        An async chunk source is written one chunk behind, dot-stuffed across chunks; the last chunk goes
+        out with the final dot in one write.
+        """
         gate: Deferred[None] = Deferred()
         calls = []
 
@@ -538,9 +542,10 @@ class ProtocolTests(ProtocolTestMixin, SynchronousTestCase):
         d = proto.send(msg)
         proto.dataReceived(b"250 Ok\r\n250 Ok\r\n354 Go\r\n")
         transport.take()
-        self.assertEqual(transport.value(), b"")
+        self.assertEqual(transport.value(), b"")  # the first chunk waits for the second
         gate.callback(None)
-        self.assertEqual(transport.take(), b"..second\r\n.\r\n")
+        self.assertEqual(transport.writes[-2:], [b"first line\r\n", b"..second\r\n.\r\n"])
+        self.assertEqual(transport.take(), b"first line\r\n..second\r\n.\r\n")
         self.assertNoResult(d)
         proto.dataReceived(b"250 Ok\r\n")
         self.assertEqual(self.successResultOf(d).results[0].status, DELIVERED)
@@ -1170,7 +1175,9 @@ class DeliveryClientTests(SynchronousTestCase):
         host, port, _, timeout, bind = self.reactor.tcpClients[0]
         self.assertEqual((host, port, timeout, bind), ("192.0.2.1", 25, 12, ("198.51.100.7", 0)))
         v6 = client._endpoint(MXHost("mx6", 10, ("2001:db8::25",)), "2001:db8::25")
-        self.assertIsInstance(v6, TCP6ClientEndpoint)
+        v6.connect(Factory.forProtocol(Protocol))
+        host, port, _, timeout, bind = self.reactor.tcpClients[-1]
+        self.assertEqual((host, port, timeout, bind), ("2001:db8::25", 25, 12, ("2001:db8::7", 0)))
         self.assertIsInstance(client._endpoint(MXHost("relay.example.com"), None), HostnameEndpoint)
 
     def test_smarthost_with_auth_and_verify(self) -> None:

@@ -29,7 +29,7 @@ from OpenSSL import SSL
 from twisted.internet import error as ierror
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IPushProducer,
@@ -53,6 +53,7 @@ from mailrelay.delivery.model import (
     Timeouts,
     TLSPolicy,
 )
+from mailrelay.eagertcp import EagerTCPClientEndpoint
 from mailrelay.types import Reply
 
 log = Logger()
@@ -838,6 +839,9 @@ class SMTPClientProtocol(Protocol):
         self._stage = "data block"
         try:
             stuffer = DotStuffer()
+            # Each chunk is written once the next one is read, so the last goes out with the final dot in
+            # one write: one send, one segment (the connection sends at once, with Nagle off).
+            held = b""
             while True:
                 try:
                     chunk = await source.__anext__()
@@ -847,14 +851,14 @@ class SMTPClientProtocol(Protocol):
                     raise _BodyError(str(e) or type(e).__name__)
                 if not self.alive:
                     raise _Lost("data block", self.lost)
-                out = stuffer.feed(chunk)
-                if out:
-                    transport.write(out)
+                if held:
+                    transport.write(held)
+                held = stuffer.feed(chunk)
                 if flow.paused:
                     await self._drain(flow, t.data_block)
             if not self.alive:
                 raise _Lost("data block", self.lost)
-            transport.write(stuffer.finish())
+            transport.write(held + stuffer.finish())
         finally:
             self._flow = None
             if self.alive:
@@ -1094,9 +1098,9 @@ class DeliveryClient:
             return HostnameEndpoint(self._reactor, host.name, host.port, timeout=timeout, bindAddress=bind)
         if ":" in ip:
             bind = (self._config.source_ipv6, 0) if self._config.source_ipv6 else None
-            return TCP6ClientEndpoint(self._reactor, ip, host.port, timeout=timeout, bindAddress=bind)
-        bind = (self._config.source_ipv4, 0) if self._config.source_ipv4 else None
-        return TCP4ClientEndpoint(self._reactor, ip, host.port, timeout=timeout, bindAddress=bind)
+        else:
+            bind = (self._config.source_ipv4, 0) if self._config.source_ipv4 else None
+        return EagerTCPClientEndpoint(self._reactor, ip, host.port, timeout=timeout, bindAddress=bind)
 
     async def _attempt(
         self, destination: Destination, host: MXHost, ip: str | None, message: OutboundMessage
