@@ -56,11 +56,9 @@ def _send_now(connection: Any, data: bytes) -> None:
             except OSError:
                 pass  # not TCP after all (a test's socket): Nagle only costs time
         sent = connection.writeSomeData(data)
-        if not isinstance(sent, int):
-            pass  # the connection is lost: buffering lets the reactor find out and close it
-        elif sent == len(data):
-            return
-        else:
+        if isinstance(sent, int):  # else the connection is lost: buffered, the reactor finds out and closes it
+            if sent == len(data):
+                return
             data = data[sent:]
     abstract.FileDescriptor.write(connection, data)
 
