@@ -34,7 +34,7 @@ from typing import Any
 from twisted.internet import _newtls, abstract, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTCP, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.posixbase import PosixReactorBase
 from zope.interface import implementer
 
@@ -124,9 +124,8 @@ class _EagerConnector(tcp.Connector):
         return EagerClient(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
-@implementer(IReactorTCP)
 class _EagerConnecting:
-    """The reactor as a TCP client endpoint sees it, making eager connections."""
+    """The reactor as a TCP client endpoint uses it (only ``connectTCP``), making eager connections."""
 
     def __init__(self, reactor: PosixReactorBase) -> None:
         self._reactor = reactor
@@ -136,9 +135,6 @@ class _EagerConnecting:
         connector = _EagerConnector(host, port, factory, timeout, bindAddress, self._reactor)
         connector.connect()
         return connector
-
-    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
-        return self._reactor.listenTCP(port, factory, backlog, interface)
 
 
 @implementer(IStreamClientEndpoint)

@@ -102,11 +102,11 @@ class RelayService(MultiService):
             endpoint = serverFromString(self.reactor, listener.description)
             try:
                 listener.port = await endpoint.listen(listener.factory)
-                eager_port(listener.port)  # replies go out at once, not on the reactor's next turn
             except CannotListenError as e:
                 await self._stop_listening()
                 raise StartupError(f"cannot listen on {listener.description} ({listener.mode}): "
                                    f"{e.socketError or e}")
+            eager_port(listener.port)  # replies go out at once, not on the reactor's next turn
             log.info("{mode} listening on {address}", mode=listener.mode, address=listener.address())
         # Where each listener really is (``tcp:0`` picks a free port): for operators and the tests.
         # Written aside and renamed, so a reader never sees it half-written.
