@@ -128,14 +128,23 @@ anchor_postfix_b() {
 # Paired runs for the accepted-rate ratio (mailrelay b0 / Postfix b): both servers up at once and their
 # measured runs alternating (mailrelay, Postfix, Postfix, mailrelay, ...), so this machine's drift over
 # minutes (up to 2x, see README.md) falls on both alike instead of on whichever anchor ran in a slow stretch.
+#
+# MR_SANDBOX=1 is a diagnostic bound, not a comparison of equal work: mailrelay's messages come From the
+# sandbox domain, so it receives, checks, spools and records them but delivers none (case s0). It shows what
+# mailrelay would accept if delivering cost nothing.
 anchor_pair_b0() {
   log "== paired runs: mailrelay b0 ($MR_PROCS processes) and Postfix b, alternating"
   postfix_up
   MR_DKIM=off mailrelay_start || return 1
   local mr=("${MR_PIDS[@]}") pf=("$POSTFIX_PID" "$DOVECOT_PID" "$OPENDKIM_PID") size i runs=$RUNS
+  local mrcase=b0 mrargs=() mrsink=${SINK_PID:-}
+  if [[ ${MR_SANDBOX:-} == 1 ]]; then
+    mrcase=s0 mrargs=(--mail-from bench@sandbox.mailrelay.test) mrsink=
+  fi
   for size in $SIZES; do
     RUNS=0  # the warm-ups only
-    SERVER_PIDS=("${mr[@]}"); cell mailrelay b0 "$size" $MR_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
+    SERVER_PIDS=("${mr[@]}"); SINK_PID=$mrsink cell mailrelay $mrcase "$size" $MR_SUB "$PER_SESSION" --starttls \
+      "${AUTHARGS[@]}" "${mrargs[@]}"
     SERVER_PIDS=("${pf[@]}"); cell postfix b "$size" $PF_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
     RUNS=$runs
     for ((i = 1; i <= RUNS; i++)); do
@@ -143,7 +152,9 @@ anchor_pair_b0() {
       (( i % 2 == 0 )) && order=(postfix mailrelay)
       for a in "${order[@]}"; do
         if [[ $a == mailrelay ]]; then
-          SERVER_PIDS=("${mr[@]}"); run_load mailrelay b0 "$size" $MR_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
+          SERVER_PIDS=("${mr[@]}")
+          SINK_PID=$mrsink run_load mailrelay $mrcase "$size" $MR_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}" \
+            "${mrargs[@]}"
         else
           SERVER_PIDS=("${pf[@]}"); run_load postfix b "$size" $PF_SUB "$PER_SESSION" --starttls "${AUTHARGS[@]}"
         fi

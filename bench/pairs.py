@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """
 Per-pair ratios of a paired run (``bench/run.sh pair_b0``): mailrelay's n-th measured run divided by
-Postfix's n-th, which ran next to it, and the median of those ratios.
+Postfix's n-th, which ran next to it, and the median of those ratios.  With ``MR_SANDBOX=1`` mailrelay's
+runs are case s0 (received, not delivered: a bound, not equal work) and have no end-to-end rate.
 
     bench/pairs.py bench/results/raw-YYYYMMDD-HHMMSS.jsonl
 
@@ -19,20 +20,25 @@ import sys
 def main(path: str) -> None:
     with open(path) as f:
         rows = [json.loads(line) for line in f]
-    sizes = sorted({int(r["size"]) for r in rows if r["anchor"] == "mailrelay" and r["case"] == "b0"})
+    mine = [r for r in rows if r["anchor"] == "mailrelay" and r["case"] in ("b0", "s0")]
+    sizes = sorted({int(r["size"]) for r in mine})
     print("| size | accepted ratio per pair | median | e2e ratio per pair | median | Postfix b msg/s per run |")
     print("|---|---|---|---|---|---|")
     for size in sizes:
-        mr = [r for r in rows if (r["anchor"], r["case"], int(r["size"])) == ("mailrelay", "b0", size)]
+        mr = [r for r in mine if int(r["size"]) == size]
         pf = [r for r in rows if (r["anchor"], r["case"], int(r["size"])) == ("postfix", "b", size)]
         pairs = list(zip(mr, pf, strict=False))
         if not pairs:
             continue
         acc = [m["msgs_per_s"] / p["msgs_per_s"] for m, p in pairs]
-        e2e = [m["e2e_msgs_per_s"] / p["e2e_msgs_per_s"] for m, p in pairs if p.get("e2e_msgs_per_s")]
+        e2e = [
+            m["e2e_msgs_per_s"] / p["e2e_msgs_per_s"]
+            for m, p in pairs
+            if m.get("e2e_msgs_per_s") and p.get("e2e_msgs_per_s")
+        ]
         print(
             f"| {size // 1024} KB | {', '.join(f'{x:.2f}' for x in acc)} | **{statistics.median(acc):.2f}x** | "
-            f"{', '.join(f'{x:.2f}' for x in e2e)} | {statistics.median(e2e):.2f}x | "
+            f"{', '.join(f'{x:.2f}' for x in e2e) or '-'} | {f'{statistics.median(e2e):.2f}x' if e2e else '-'} | "
             f"{', '.join(str(round(p['msgs_per_s'])) for _, p in pairs)} |"
         )
 
