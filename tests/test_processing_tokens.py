@@ -137,6 +137,20 @@ class VerpTests(SynchronousTestCase):
         self.assertLessEqual(len(local.encode()), 64)
         self.assertEqual(parse_verp(address, SECRET), VerpInfo(queue_id, recipient, "bounces.example.com"))
 
+    def test_known_answers(self) -> None:
+        """
+        Addresses already sent keep working: the token's bytes (HMAC-SHA256 of
+        the IDNA domain and payload, base32) do not change with the code.
+        """
+        self.assertEqual(
+            verp_address("0a1b2c3d4e5f6a7b8c9d", 3, "Bounces.Example.com", b"k" * 32),
+            "bounces+aebqccq3fq6u4x3kpogj2soasyn762rlbm2aq@bounces.example.com",
+        )
+        self.assertEqual(
+            verp_address("Q-not-hex", 0, "b.example", [b"k" * 32, b"j" * 32]),
+            "bounces+aeaaaujnnzxxillimv4odwzsnqfprqtwgdka@b.example",
+        )
+
     def test_uuid_queue_id_fits(self) -> None:
         """A 32-hex-digit queue id with a large recipient index fits the 64-octet local part."""
         address = verp_address("f" * 32, 10**6, "b.example", SECRET)

@@ -155,10 +155,12 @@ def _unpack_queue_id(data: bytes) -> str:
 
 
 @functools.lru_cache(maxsize=32)  # every VERP address of every message derives the same key
+@functools.lru_cache(maxsize=64)
 def _derive(secret: bytes, purpose: bytes) -> bytes:
+    # Cached: every delivered copy derives the same few keys.
     if len(secret) < 16:
         raise ValueError("a token secret needs at least 16 bytes")
-    return hmac.new(secret, b"mailrelay token key/" + purpose, hashlib.sha256).digest()
+    return hmac.digest(secret, b"mailrelay token key/" + purpose, "sha256")
 
 
 def _secrets(secrets: bytes | Sequence[bytes]) -> tuple[bytes, ...]:
@@ -201,8 +203,9 @@ class _Mac:
     (``hmac.HMAC.copy`` is Python code; this is 40% less time per token).
     """
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, size: int = TRACKING_MAC_BYTES) -> None:
         assert len(key) <= 64  # derived keys are 32 bytes: used as they are, not hashed first
+        self._size = size
         padded = key.ljust(64, b"\0")
         self._inner = hashlib.sha256(padded.translate(_IPAD))
         self._outer = hashlib.sha256(padded.translate(_OPAD))
@@ -212,7 +215,7 @@ class _Mac:
         inner.update(payload)
         outer = self._outer.copy()
         outer.update(inner.digest())
-        return outer.digest()[:TRACKING_MAC_BYTES]
+        return outer.digest()[: self._size]
 
 
 class ClickSigner:
@@ -339,8 +342,17 @@ def _b32decode(text: str) -> bytes:
 
 def _verp_mac(key: bytes, domain: str, payload: bytes) -> bytes:
     # The bounce domain is signed too: a token only works where it was sent from.
-    message = domain.encode("idna") + b"\x00" + payload
-    return hmac.new(key, message, hashlib.sha256).digest()[:VERP_MAC_BYTES]
+    return _verp_macs(key)(_idna(domain) + b"\x00" + payload)
+
+
+@functools.lru_cache(maxsize=16)
+def _verp_macs(key: bytes) -> _Mac:
+    return _Mac(key, VERP_MAC_BYTES)
+
+
+@functools.lru_cache(maxsize=256)
+def _idna(domain: str) -> bytes:
+    return domain.encode("idna")
 
 
 def verp_address(
