@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 import attrs
 
-from mailrelay.processing.controls import ControlAttributes, RecipientCopy, strip_control_headers
+from mailrelay.processing.controls import ControlAttributes, RecipientCopy, is_control_header
 from mailrelay.processing.headers import Field, line_ending, make_field, parse_fields
 from mailrelay.processing.tokens import TokenSigner
 
@@ -538,10 +538,12 @@ def render(message: bytes, request: RenderRequest) -> bytes:
         head, body, top_changes = message[:head_end], [memoryview(message)[body_start:]], {}
     separator = message[len(head) : body_start]
 
-    head = strip_control_headers(head)
     head = _apply_header_changes(head, top_changes, eol)
     added, replaces = _copy_fields(request, eol)
-    fields = [f for f in parse_fields(head) if not (f.name and f.lname in (*_DROPPED, *replaces))]
+    dropped = (*_DROPPED, *replaces)
+    # One pass over the fields (parsing them is most of a plain copy's cost): control
+    # headers never reach a recipient, nor do Bcc and the fields this copy replaces.
+    fields = [f for f in parse_fields(head) if not (f.name and (f.lname in dropped or is_control_header(f.lname)))]
     present = {f.lname for f in fields if f.name}
     if "message-id" not in present and request.message_id:
         added.append(make_field("Message-ID", request.message_id, eol))
