@@ -23,18 +23,27 @@ delayed ACK (up to 40 ms): these connections set ``TCP_NODELAY``.
 - ``eager_port(port)``: a listening TCP port's new connections are eager.
 - ``EagerTCPClientEndpoint``: an outgoing connection to an IP address, eager
   on a real reactor (a test's ``MemoryReactor`` sees a plain ``connectTCP``).
+- ``eager_hostname_endpoint``: the same for a host given by name.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from twisted.internet import _newtls, abstract, tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHostnameResolver,
+    IProtocol,
+    IProtocolFactory,
+    IReactorPluggableNameResolver,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.posixbase import PosixReactorBase
 from zope.interface import implementer
 
@@ -124,8 +133,13 @@ class _EagerConnector(tcp.Connector):
         return EagerClient(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
+@implementer(IReactorTime, IReactorPluggableNameResolver)
 class _EagerConnecting:
-    """The reactor as a TCP client endpoint uses it (only ``connectTCP``), making eager connections."""
+    """
+    The reactor as Twisted's client endpoints use it, making eager connections:
+    ``connectTCP``, and for ``HostnameEndpoint`` the name resolver and the clock
+    (its delay between attempts to a name's addresses).
+    """
 
     def __init__(self, reactor: PosixReactorBase) -> None:
         self._reactor = reactor
@@ -135,6 +149,22 @@ class _EagerConnecting:
         connector = _EagerConnector(host, port, factory, timeout, bindAddress, self._reactor)
         connector.connect()
         return connector
+
+    @property
+    def nameResolver(self) -> IHostnameResolver:
+        return self._reactor.nameResolver
+
+    def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
+        return self._reactor.installNameResolver(resolver)
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: object, **kw: object) -> IDelayedCall:
+        return self._reactor.callLater(delay, callable, *args, **kw)
+
+    def seconds(self) -> float:
+        return self._reactor.seconds()
+
+    def getDelayedCalls(self) -> Sequence[IDelayedCall]:
+        return self._reactor.getDelayedCalls()
 
 
 @implementer(IStreamClientEndpoint)
@@ -150,3 +180,11 @@ class EagerTCPClientEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         return self._endpoint.connect(protocolFactory)
+
+
+def eager_hostname_endpoint(reactor: Any, host: str, port: int, timeout: float = 30,
+                            bindAddress: tuple[str, int] | None = None) -> IStreamClientEndpoint:
+    """``HostnameEndpoint`` (the system's resolver, an attempt per address) whose connection is eager."""
+    if isinstance(reactor, PosixReactorBase):
+        reactor = _EagerConnecting(reactor)
+    return HostnameEndpoint(reactor, host, port, timeout=timeout, bindAddress=bindAddress)

@@ -53,6 +53,7 @@ from mailrelay.delivery.model import (
     TLSPolicy,
 )
 from mailrelay.delivery.mx import smarthost_destination
+from mailrelay.eagertcp import EagerClient
 from mailrelay.types import Reply
 from tests.support.sink import (
     MemoryPipe,
@@ -1328,3 +1329,16 @@ class SinkSocketTests(TestCase):
         self.assertEqual([first[0].status, second[0].status], [DELIVERED, DELIVERED])
         self.assertTrue(first[0].tls)
         self.assertEqual([m.connection for m in self.sink.messages], [1, 1])
+
+    async def test_smarthost_by_name(self) -> None:
+        """A smarthost given by name is resolved when connecting; its connection is eager and reused."""
+        assert self.sink.port is not None
+        client = DeliveryClient(self.reactor, ClientConfig("relay.test", tls=TLSPolicy("may")))
+        self.addCleanup(client.close)
+        dest = smarthost_destination(f"localhost:{self.sink.port}", "example.com")
+        first = await client.deliver(dest, message("a@example.com"))
+        second = await client.deliver(dest, message("b@example.com"))
+        self.assertEqual([first[0].status, second[0].status], [DELIVERED, DELIVERED])
+        self.assertEqual([m.connection for m in self.sink.messages], [1, 1])
+        ((_, pooled),) = client.pool._idle.items()  # type: ignore[attr-defined]
+        self.assertIsInstance(pooled[0].transport, EagerClient)

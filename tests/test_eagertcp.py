@@ -11,14 +11,14 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import connectProtocol, serverFromString
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, serverFromString
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mailrelay.eagertcp import EagerClient, EagerServer, EagerTCPClientEndpoint, eager_port
+from mailrelay.eagertcp import EagerClient, EagerServer, EagerTCPClientEndpoint, eager_hostname_endpoint, eager_port
 from mailrelay.smtp.tlslayer import write_through
 from tests.support.sink import make_tls
 
@@ -108,6 +108,20 @@ class EagerTCPTests(TestCase):
         server = await accepted[0].made
         self.assertEqual(await server.until(9), b"EHLO me\r\n")
 
+    async def test_hostname_endpoint_connection_is_eager(self) -> None:
+        """A host given by name (a smarthost) is resolved by the system and its connection sends at once too."""
+        port, accepted = await self.listen()
+        endpoint = eager_hostname_endpoint(reactor, "localhost", port.getHost().port, timeout=5)
+        client = await connectProtocol(endpoint, Peer())
+        transport: Any = client.transport
+        self.addCleanup(transport.abortConnection)
+        self.assertIsInstance(transport, EagerClient)
+        self.assertEqual(transport.getPeer().host, "127.0.0.1")
+        transport.write(b"EHLO me\r\n")
+        self.assertEqual(transport._tempDataLen, 0)
+        server = await accepted[0].made
+        self.assertEqual(await server.until(9), b"EHLO me\r\n")
+
     async def test_tls_records_after_starttls_go_out_at_once(self) -> None:
         """After STARTTLS, the TLS layer's records take the eager path as well, in both directions."""
         tls = make_tls("relay.test")
@@ -136,6 +150,13 @@ class EagerTCPFallbackTests(SynchronousTestCase):
         )
         host, port, _, timeout, bind = memory.tcpClients[0]
         self.assertEqual((host, port, timeout, bind), ("2001:db8::25", 25, 7, ("2001:db8::7", 0)))
+
+    def test_memory_reactor_gets_twisted_hostname_endpoint(self) -> None:
+        """On a test's MemoryReactor a name gets Twisted's HostnameEndpoint on that reactor, unchanged."""
+        memory = MemoryReactor()
+        endpoint = eager_hostname_endpoint(memory, "relay.example", 587, timeout=7)
+        self.assertIsInstance(endpoint, HostnameEndpoint)
+        self.assertIs(endpoint._reactor, memory)  # type: ignore[attr-defined]
 
     def test_other_ports_are_left_alone(self) -> None:
         """Only a TCP port with Twisted's server transport is changed."""

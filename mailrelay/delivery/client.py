@@ -29,7 +29,6 @@ from OpenSSL import SSL
 from twisted.internet import error as ierror
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IPushProducer,
@@ -53,7 +52,7 @@ from mailrelay.delivery.model import (
     Timeouts,
     TLSPolicy,
 )
-from mailrelay.eagertcp import EagerTCPClientEndpoint
+from mailrelay.eagertcp import EagerTCPClientEndpoint, eager_hostname_endpoint
 from mailrelay.types import Reply
 
 log = Logger()
@@ -1095,7 +1094,7 @@ class DeliveryClient:
         timeout = self._config.timeouts.connect
         if ip is None:
             bind = (self._config.source_ipv4, 0) if self._config.source_ipv4 else None
-            return HostnameEndpoint(self._reactor, host.name, host.port, timeout=timeout, bindAddress=bind)
+            return eager_hostname_endpoint(self._reactor, host.name, host.port, timeout=timeout, bindAddress=bind)
         if ":" in ip:
             bind = (self._config.source_ipv6, 0) if self._config.source_ipv6 else None
         else:
