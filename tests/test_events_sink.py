@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.error import ConnectionLost
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -82,6 +82,28 @@ class FlakyPool(DatabasePool):
 
             d.addCallback(lost)
         return d
+
+
+class HeldPool(FlakyPool):
+    """A real pool whose event batches, their rows inserted, stay uncommitted until ``gate`` fires (a slow node)."""
+
+    def __init__(self, real: DatabasePool, gate: Deferred[None]) -> None:
+        super().__init__(real)
+        self.gate = gate
+        self.worked: Deferred[None] = Deferred()
+
+    def interaction(self, desc: str, fn: Callable[[Transaction], Awaitable[T]]) -> Deferred[T]:
+        if desc != "events_store":
+            return self.real.interaction(desc, fn)
+
+        async def held(txn: Transaction) -> T:
+            result = await fn(txn)
+            if not self.worked.called:
+                self.worked.callback(None)
+            await self.gate
+            return result
+
+        return self.real.interaction(desc, held)
 
 
 async def count(store: Store, sql: str, args: tuple[Any, ...] = ()) -> int:
@@ -410,3 +432,27 @@ class SQLiteEventSinkTests(EventSinkTestsMixin, TestCase):
 
 class PostgresEventSinkTests(EventSinkTestsMixin, TestCase):
     engine = "postgresql"
+
+    async def test_batches_commit_in_id_order(self) -> None:
+        """
+        A batch waits while another process's batch is still being written,
+        so event ids become visible in order: a webhook cursor ("the events
+        after id N") cannot move past an id that commits later.
+        """
+        await self.setup_store()  # its pool has two connections: two writers at once
+        gate: Deferred[None] = Deferred()
+        slow = HeldPool(self.store.pool, gate)
+        first = await self.make_sink(slow, directory=os.path.abspath(self.mktemp()))
+        second = await self.make_sink(directory=os.path.abspath(self.mktemp()))
+        self.addCleanup(lambda: None if gate.called else gate.callback(None))  # a failure must not hang the sinks
+        first.emit(ev(EventType.QUEUED, self.parent.id, recipient="first@x.test"))
+        first_done = later(first.flush())
+        await slow.worked  # its rows are inserted, its id taken; not committed
+        # Another type: the two batches share no statistics row that would make one wait for the other.
+        second.emit(ev(EventType.DELIVERED, self.parent.id, recipient="second@x.test"))
+        second_done = later(second.flush())
+        await deferLater(reactor, 0.3)
+        self.assertFalse(second_done.called)  # (both of the pool's connections are busy: nothing else to ask)
+        gate.callback(None)
+        await gatherResults([first_done, second_done])
+        self.assertEqual([r[1] for r in await self.stored()], ["first@x.test", "second@x.test"])

@@ -65,6 +65,7 @@ _ADD_COUNTS = (
     "ON CONFLICT (account_id, day, dimension, metric) DO UPDATE SET value = daily_counts.value + excluded.value"
 )
 _MARK = "INSERT INTO event_batches (id, ts) VALUES (?, ?) ON CONFLICT (id) DO NOTHING"
+_EVENTS_ORDER_LOCK = 7212346  # the key of the lock that commits event batches in id order (the schema's is 7212345)
 _PRUNE_EVERY = 3600.0
 
 
@@ -458,6 +459,14 @@ class EventSink:
         rows = [event_row(e) for e in events]
 
         async def txn_fn(txn: Transaction) -> str:
+            lock = txn.engine.xact_lock
+            if lock:
+                # Event ids are read in order by cursors (webhooks: "id > last acknowledged").
+                # PostgreSQL hands out ids when rows are inserted, not when they commit: without
+                # this lock a batch from another process could commit a higher id first, a
+                # cursor would move past it, and the lower id, committed a moment later, would
+                # never be sent.  Batches are short (one multi-row insert), so waiting is brief.
+                await txn.execute(lock, (_EVENTS_ORDER_LOCK,))
             if check_split:
                 split = await txn.execute("SELECT 1 FROM event_batches WHERE id = ?", (f"{batch_id}/split",))
                 if split:

@@ -73,6 +73,10 @@ class Engine:
 
     name = ""
     tokens: dict[str, str] = {}
+    #: A statement that makes every other transaction running it with the same
+    #: key (one ``?``) wait until this one ends; None where the engine lets one
+    #: transaction write at a time anyway (SQLite).
+    xact_lock: str | None = None
 
     def convert(self, sql: str) -> str:
         return sql
@@ -98,6 +102,7 @@ class SQLiteEngine(Engine):
 
 class PostgresEngine(Engine):
     name = "postgresql"
+    xact_lock = "SELECT pg_advisory_xact_lock(?)"
     tokens = {
         "@ID@": "BIGSERIAL PRIMARY KEY",
         "@BIGINT@": "BIGINT",

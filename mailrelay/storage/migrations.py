@@ -98,8 +98,8 @@ async def migrate(pool: DatabasePool, target: int | None = None) -> list[Migrati
     applied: list[Migration] = []
 
     async def step(txn: Transaction) -> Migration | None:
-        if engine.name == "postgresql":
-            await txn.execute("SELECT pg_advisory_xact_lock(7212345)")
+        if engine.xact_lock:
+            await txn.execute(engine.xact_lock, (7212345,))
         done = set(await _current(txn))
         if done and max(done) > newest:
             raise SchemaTooNew(
