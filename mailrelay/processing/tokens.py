@@ -155,9 +155,7 @@ def _unpack_queue_id(data: bytes) -> str:
 
 
 @functools.lru_cache(maxsize=32)  # every VERP address of every message derives the same key
-@functools.lru_cache(maxsize=64)
 def _derive(secret: bytes, purpose: bytes) -> bytes:
-    # Cached: every delivered copy derives the same few keys.
     if len(secret) < 16:
         raise ValueError("a token secret needs at least 16 bytes")
     return hmac.digest(secret, b"mailrelay token key/" + purpose, "sha256")
