@@ -97,6 +97,26 @@ class StorageTestsMixin:
             ["mail.example.com"],
         )
 
+    async def test_domain_remove_revokes_its_credentials(self) -> None:
+        """A domain with SMTP users and tokens (one revoked already) is removed; none of them logs in again."""
+        store = await self.store()
+        account = await store.accounts.create("shop", None)
+        domain = await store.domains.add(account.id, "example.com", "mr1", "PEM")
+        await store.credentials.create(account.id, "smtp_user", secrets.secret_hash("pw1"), username="u1@example.com",
+                                       domain_id=domain.id)
+        old = await store.credentials.create(account.id, "api_token", secrets.secret_hash("t1"), domain_id=domain.id)
+        await store.credentials.revoke(account.id, old.id)
+        await store.domains.remove("example.com")
+        with self.assertRaises(NotFound):  # type: ignore[attr-defined]
+            await store.domains.get("example.com")
+        self.assertIsNone(await store.credentials.token_login("smtp_user", secrets.secret_hash("pw1")))  # type: ignore[attr-defined]
+        self.assertEqual(await store.credentials.list(account.id), [])  # type: ignore[attr-defined]
+        again = await store.domains.add(account.id, "example.com", "mr2", "PEM")
+        await store.credentials.create(account.id, "smtp_user", secrets.secret_hash("pw2"), username="u2@example.com",
+                                       domain_id=again.id)
+        login = await store.credentials.token_login("smtp_user", secrets.secret_hash("pw2"))
+        self.assertEqual(login.domain if login else None, "example.com")  # type: ignore[attr-defined]
+
     async def test_domain_dkim_signing(self) -> None:
         """A domain signs by default; ``set_dkim_signing`` switches it off and on; an unknown domain is NotFound."""
         store = await self.store()

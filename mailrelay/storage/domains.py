@@ -86,8 +86,9 @@ class Domains:
         found = await self.get(domain)
 
         async def txn_fn(txn):  # type: ignore[no-untyped-def]
-            await txn.execute("UPDATE credentials SET revoked_at = ? WHERE domain_id = ? AND revoked_at IS NULL",
-                              (self._clock.seconds(), found.id))
+            # Revoked and detached: the rows stay for the record, and no longer hold the domain's row.
+            await txn.execute("UPDATE credentials SET revoked_at = COALESCE(revoked_at, ?), domain_id = NULL"
+                              " WHERE domain_id = ?", (self._clock.seconds(), found.id))
             await txn.execute("DELETE FROM sending_domains WHERE id = ?", (found.id,))
 
         try:
