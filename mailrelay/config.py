@@ -64,6 +64,8 @@ class TLSConfig:
 class DatabaseConfig:
     url: str
     pool_size: int = 5
+    #: Seconds between reads of the admin change counter (``mailrelay.storage.changes``); 0: never.
+    change_poll_interval: float = 1.0
 
 
 @attrs.frozen
@@ -312,7 +314,10 @@ def parse_config(doc: Mapping[str, Any], source: str, base: Path) -> Config:
         parse_database_url(url)
     except UnknownDatabaseURL as e:
         raise r.fail("url", str(e))
-    database = DatabaseConfig(url=url, pool_size=r.positive("pool_size", int, 5))
+    database = DatabaseConfig(url=url, pool_size=r.positive("pool_size", int, 5),
+                              change_poll_interval=r.get("change_poll_interval", float, 1.0))
+    if database.change_poll_interval < 0:
+        raise r.fail("change_poll_interval", "must be 0 (caches expire on their own) or a number of seconds")
     r.finish()
 
     r = _section(source, doc, "dns")

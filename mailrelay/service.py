@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from mailrelay.config import Config
 from mailrelay.eagertcp import eager_port
+from mailrelay.storage.changes import ChangeWatcher
 from mailrelay.storage.database import DatabasePool, DatabaseUnavailable, make_pool
 from mailrelay.storage.migrations import SchemaTooNew, check_version, migrate
 from mailrelay.storage.preflight import preflight
@@ -68,6 +69,8 @@ class RelayService(MultiService):
         self.reactor = reactor
         self.pool = pool
         self.store = store
+        #: Tells the stages' caches of accounts, credentials and domains when another process changed them.
+        self.changes = ChangeWatcher(pool, reactor, config.database.change_poll_interval)
         self.listeners: list[Listener] = []
         self.startup_steps: list[Callable[[], Awaitable[None]]] = []
         self.shutdown_steps: list[Callable[[], Awaitable[None]]] = []
@@ -96,6 +99,7 @@ class RelayService(MultiService):
             raise StartupError(str(e))
         for m in applied:
             log.info("applied schema migration {version:03d}_{name}", version=m.version, name=m.name)
+        await self.changes.start()
         for step in self.startup_steps:
             await step()
         for listener in self.listeners:
@@ -150,6 +154,7 @@ class RelayService(MultiService):
                 await step()
             except Exception:
                 log.failure("error during shutdown")
+        await self.changes.stop()
         await self.pool.close()
         log.info("mailrelay stopped")
 
@@ -248,6 +253,7 @@ def _add_web(relay: RelayService) -> None:
         recipients=StoreRecipientLookup(store.pool), injection_user=config.smtp.injection_user,
         allow_private_webhooks=config.webhooks.allow_private,
     )
+    relay.changes.subscribe(site.resource.authenticator.forget_all)
     for description in config.listeners.http:
         relay.add_listener("http", description, site)
 
@@ -299,6 +305,7 @@ def _add_queue(relay: RelayService) -> None:
     except (OSError, ValueError) as e:
         raise StartupError(f"cannot set up the queue: {e}")
     relay.queue = queue  # type: ignore[attr-defined]
+    relay.changes.subscribe(queue.directory.forget_all)
     relay.tracking_secret = queue.secret  # type: ignore[attr-defined]
     submission.on_queued = queue.manager.add
     # spool.stats() walks every message; the queue counts them in O(1).
@@ -443,13 +450,16 @@ def _add_smtp(relay: RelayService) -> None:
     except SpoolError as e:
         raise StartupError(str(e))
     authenticator = Authenticator(store.credentials, config.smtp, reactor, reactor, threads)
+    relay.changes.subscribe(authenticator.cache.clear)
     quota = QuotaTracker(store.counters, reactor)
     attribution = Attribution(store, reactor)
     messages = BatchWriter(store.pool, reactor, "messages", MESSAGE_COLUMNS,
                            conflict="ON CONFLICT (queue_id) DO NOTHING")
 
+    directory = SenderDirectory(store, reactor)
+    relay.changes.subscribe(directory.forget_all)
     submission = Submission(config=config, clock=reactor, authenticator=authenticator,
-                            directory=SenderDirectory(store, reactor), quota=quota, spool=spool,
+                            directory=directory, quota=quota, spool=spool,
                             attribution=attribution,
                             messages=messages, node=config.server.hostname)
     relay.submission = submission  # type: ignore[attr-defined]

@@ -176,6 +176,44 @@ class SubmissionTests(RelayFixture, SynchronousTestCase):
             self.assertEqual(ctx.exception.smtp_code, 535)
             self.assertIn(b"5.7.8", ctx.exception.smtp_error)
 
+    def test_admin_changes_apply_within_seconds(self) -> None:
+        """
+        A token revoked and an account suspended with the admin command (another process) stop working within
+        a few seconds, though the relay keeps a login for a minute and account facts for half a minute.
+        """
+        relay = self.relay
+        relay.mailrelay("account", "create", "later", stdin="later-password\n")
+        relay.mailrelay("domain", "add", "later", "later.example")
+        relay.mailrelay("domain", "verify", "later.example", "--force")
+        token = relay.mailrelay("api-token", "create", "later.example")
+        login = (token["username"], token["password"])
+        sender = "hello@later.example"
+        self.assertQueued(self.send(self.submission(login=login), message(sender=sender), sender=sender))
+        relay.mailrelay("account", "suspend", "later")
+        client = self.submission(login=("later", "later-password"))
+        self.assertEqual(self._wait_for(lambda: self.send(client, message(sender=sender), sender=sender)[0], 550), 550)
+        relay.mailrelay("api-token", "delete", "later.example", str(token["id"]))
+
+        def auth() -> int:
+            try:
+                self.submission(login=login)
+            except smtplib.SMTPAuthenticationError as e:
+                return e.smtp_code
+            return 235
+
+        self.assertEqual(self._wait_for(auth, 535), 535)
+
+    def _wait_for(self, attempt: Any, wanted: int, within: float = 5.0) -> int:
+        """Repeat ``attempt()`` until it returns ``wanted`` or ``within`` seconds have passed; its last result."""
+        import time
+
+        deadline = time.monotonic() + within
+        while True:
+            got = attempt()
+            if got == wanted or time.monotonic() > deadline:
+                return int(got)
+            time.sleep(0.2)
+
     def test_auth_before_tls(self) -> None:
         """No AUTH before TLS: not advertised, and refused with 538 5.7.11."""
         client = smtplib.SMTP("127.0.0.1", self.relay.port("submission"), timeout=30)

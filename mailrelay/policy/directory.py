@@ -5,7 +5,8 @@ verified sending domains.
 The accept path must not wait on the database for every message, so each
 fact is read once and kept for ``ttl`` seconds; concurrent misses share one
 query.  A change made with the admin command (suspend, verify a domain)
-takes effect within ``ttl`` on every node.
+takes effect within about a second on every node (``ChangeWatcher`` calls
+``forget_all``), and within ``ttl`` at worst.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class TTLCache(Generic[K, V]):
         self._max = max_entries
         self._values: dict[K, tuple[float, V]] = {}
         self._loading: dict[K, list[Deferred[V]]] = {}
+        #: Moves on ``clear``: a value loaded across it is handed out but not kept.
+        self._epoch = 0
 
     def fresh(self, key: K) -> tuple[V] | None:
         """``(value,)`` while ``key`` is cached and fresh, else None; never loads."""
@@ -67,15 +70,17 @@ class TTLCache(Generic[K, V]):
             self._loading[key].append(waiter)
             return await waiter
         self._loading[key] = []
+        epoch = self._epoch
         try:
             value = await self._load(key)
         except BaseException as e:
             for w in self._loading.pop(key, []):
                 w.errback(e)
             raise
-        if len(self._values) >= self._max:
-            self._values.clear()
-        self._values[key] = (now + self._ttl, value)
+        if epoch == self._epoch:
+            if len(self._values) >= self._max:
+                self._values.clear()
+            self._values[key] = (now + self._ttl, value)
         for w in self._loading.pop(key, []):
             w.callback(value)
         return value
@@ -83,12 +88,21 @@ class TTLCache(Generic[K, V]):
     def invalidate(self, key: K) -> None:
         self._values.pop(key, None)
 
+    def clear(self) -> None:
+        self._values.clear()
+        self._epoch += 1
+
 
 class SenderDirectory:
     def __init__(self, store: Store, clock: IReactorTime, ttl: float = 30.0) -> None:
         self._store = store
         self._accounts: TTLCache[int, AccountFacts | None] = TTLCache(clock, ttl, self._load_account)
         self._domains: TTLCache[int, frozenset[str]] = TTLCache(clock, ttl, self._load_domains)
+
+    def forget_all(self) -> None:
+        """Drop every cached fact (another process changed accounts or domains: ``ChangeWatcher``)."""
+        self._accounts.clear()
+        self._domains.clear()
 
     async def _load_account(self, account_id: int) -> AccountFacts | None:
         try:

@@ -113,6 +113,8 @@ class _TTLCache:
         self._ttl = ttl
         self._size = size
         self._data: dict[Any, tuple[float, Any]] = {}
+        #: Moves on ``clear``: a value read before it is not kept after it.
+        self.epoch = 0
 
     def get(self, key: Any) -> tuple[bool, Any]:
         hit = self._data.get(key)
@@ -120,13 +122,16 @@ class _TTLCache:
             return False, None
         return True, hit[1]
 
-    def put(self, key: Any, value: Any) -> None:
+    def put(self, key: Any, value: Any, epoch: int) -> None:
+        if epoch != self.epoch:
+            return
         if len(self._data) >= self._size:
             self._data.clear()
         self._data[key] = (self._clock.seconds() + self._ttl, value)
 
     def clear(self) -> None:
         self._data.clear()
+        self.epoch += 1
 
 
 class StoreDirectory:
@@ -150,6 +155,7 @@ class StoreDirectory:
         hit, value = self._accounts.get(account_id)
         if hit:
             return value  # type: ignore[no-any-return]
+        epoch = self._accounts.epoch
         from mailrelay.storage.errors import NotFound
 
         try:
@@ -165,7 +171,7 @@ class StoreDirectory:
                 notification_address=a.notification_address or None,
                 decoration=decoration_of(a.header_text, a.footer_text, a.header_html, a.footer_html),
             )
-        self._accounts.put(account_id, info)
+        self._accounts.put(account_id, info, epoch)
         return info
 
     async def sending_domain(self, domain: str) -> DomainInfo | None:
@@ -173,6 +179,7 @@ class StoreDirectory:
         hit, value = self._domains.get(key)
         if hit:
             return value  # type: ignore[no-any-return]
+        epoch = self._domains.epoch
         from mailrelay.storage.errors import NotFound, StorageError
 
         try:
@@ -201,8 +208,13 @@ class StoreDirectory:
                 account_id=d.account_id,
                 dkim_signing=d.dkim_signing,
             )
-        self._domains.put(key, info)
+        self._domains.put(key, info, epoch)
         return info
+
+    def forget_all(self) -> None:
+        """Drop every cached account and domain (another process changed them: ``ChangeWatcher``)."""
+        self._accounts.clear()
+        self._domains.clear()
 
     async def suppressed(self, account_id: int, addresses: Iterable[str], list_guid: str | None) -> Mapping[str, str]:
         found = await self._suppression_checks.suppressed(account_id, addresses, list_guid)

@@ -308,7 +308,8 @@ class LoginCache:
     """
     Successful logins for ``ttl`` seconds from the check (a hit does not extend
     it), so a revoked credential or changed password stops working within
-    ``ttl`` in every process.  Keys are an HMAC of user name and password under
+    ``ttl`` in every process at worst; ``ChangeWatcher`` clears it within
+    about a second of a change.  Keys are an HMAC of user name and password under
     a per-process random key: neither is kept in memory in plaintext (an API
     token's user name is the secret).  At most ``max_entries``; the oldest,
     which expires first, goes first.
@@ -320,6 +321,8 @@ class LoginCache:
         self._max_entries = max_entries
         self._key = os.urandom(32)
         self._entries: OrderedDict[bytes, tuple[float, Principal]] = OrderedDict()
+        #: Moves on ``clear``: a login checked before it is not kept after it.
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -341,8 +344,8 @@ class LoginCache:
         entry = self._entries.get(key)
         return entry[1] if entry is not None else None
 
-    def put(self, key: bytes, principal: Principal) -> None:
-        if self._ttl <= 0 or self._max_entries <= 0:
+    def put(self, key: bytes, principal: Principal, epoch: int | None = None) -> None:
+        if self._ttl <= 0 or self._max_entries <= 0 or (epoch is not None and epoch != self.epoch):
             return
         now = self._clock.seconds()
         self._expire(now)
@@ -358,6 +361,7 @@ class LoginCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self.epoch += 1
 
 
 def client_key(client_ip: str) -> str:
@@ -545,6 +549,7 @@ class Authenticator:
         if cached is not None:
             self.throttle.succeeded(client_ip)
             return cached
+        epoch = self.cache.epoch
         try:
             if not username or not password:
                 raise UnauthorizedLogin()
@@ -564,5 +569,5 @@ class Authenticator:
         self.throttle.check(client_ip)
         principal = cast(Principal, avatar)
         self.throttle.succeeded(client_ip)
-        self.cache.put(key, principal)
+        self.cache.put(key, principal, epoch)
         return principal

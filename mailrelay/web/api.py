@@ -316,10 +316,13 @@ class KeyAuthenticator:
         self.cache_seconds = cache_seconds
         self._cache_size = cache_size
         self._cache: dict[str, tuple[float, LoginRecord]] = {}
+        #: Moves on ``forget_all``: a key checked before it is not kept after it.
+        self._epoch = 0
 
     def forget_all(self) -> None:
-        """After a revocation: the next request of every key is checked again."""
+        """After a revocation (here, or seen by ``ChangeWatcher``): every key is checked again."""
         self._cache.clear()
+        self._epoch += 1
 
     async def authenticate(self, request: Request) -> LoginRecord:
         header = request.getHeader(b"authorization")
@@ -344,6 +347,7 @@ class KeyAuthenticator:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
+        epoch = self._epoch
         login = await self._credentials.token_login("api_key", digest)
         if login is None:
             if self._metrics is not None:
@@ -354,6 +358,8 @@ class KeyAuthenticator:
                 "the API key is not valid (unknown or revoked)",
                 {"WWW-Authenticate": 'Bearer realm="mailrelay", error="invalid_token"'},
             )
+        if epoch != self._epoch:
+            return login
         if len(self._cache) >= self._cache_size:
             self._cache.clear()
         self._cache[digest] = (now + self.cache_seconds, login)

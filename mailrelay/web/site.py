@@ -41,10 +41,12 @@ class Root(Resource):
     """
     Anything not mounted is a plain 404 (no directory listings, no
     tracebacks).  ``tracker`` is kept so the wiring can ``drain()`` the
-    tracking events still being recorded at shutdown.
+    tracking events still being recorded at shutdown, ``authenticator`` so
+    it can drop cached API keys when another process revokes one.
     """
 
     tracker: Tracker
+    authenticator: KeyAuthenticator
 
     def getChild(self, path: bytes, request: object) -> Resource:
         return NoResource("Not found")
@@ -96,6 +98,7 @@ def make_root(
     )
     root = Root()
     root.tracker = tracker
+    root.authenticator = authenticator
     root.putChild(b"healthz", HealthResource(store))
     root.putChild(b"o", OpenResource(tracker))
     root.putChild(b"c", ClickResource(tracker))
