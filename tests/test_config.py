@@ -112,3 +112,10 @@ class ConfigTests(SynchronousTestCase):
         config = load_config(self.write("[webhooks]\nallow_private = true\nretry_base = 2\n"))
         self.assertEqual((config.webhooks.allow_private, config.webhooks.retry_base), (True, 2.0))
         self.assertIn("webhooks.retry_base: must be greater than 0", self.error("[webhooks]\nretry_base = 0\n"))
+
+    def test_change_poll_interval(self) -> None:
+        """[database] change_poll_interval: 1 s by default, 0 allowed (caches only expire), never negative."""
+        self.assertEqual(parse_config({}, "m.toml", Path("/")).database.change_poll_interval, 1.0)
+        config = load_config(self.write("[database]\nchange_poll_interval = 0\n"))
+        self.assertEqual(config.database.change_poll_interval, 0.0)
+        self.assertIn("database.change_poll_interval: must be 0", self.error("[database]\nchange_poll_interval = -1\n"))
