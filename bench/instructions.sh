@@ -3,6 +3,7 @@
 #
 #   bench/instructions.sh [MESSAGES] [SIZE]          # default 300 messages of 1 KB (~2.5 min)
 #   MR_SRC=/tmp/other-checkout bench/instructions.sh  # the same, for another tree's mailrelay package
+#   BIN=/tmp/venv313/bin bench/instructions.sh       # the same, under another venv's Python
 #
 # Rates on these machines drift by 2x within minutes; callgrind's instruction count does not (two runs of
 # the same tree agree within about 1%), so it is the measure for comparing two versions of the code.
@@ -15,7 +16,7 @@ N=${1:-300}
 SIZE=${2:-1024}
 MR_ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${WORK:-/tmp/mailrelay-bench}
-BIN=$MR_ROOT/.venv/bin
+BIN=${BIN:-$MR_ROOT/.venv/bin}  # another venv (another Python) with mailrelay installed
 LOADPY=$WORK/.venv/bin/python
 SUB=5590
 SINK=5591
