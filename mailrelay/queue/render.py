@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
+from mailrelay.policy.directory import TTLCache
 from mailrelay.processing.controls import ControlAttributes, RecipientCopy
 from mailrelay.processing.dkim import DKIMError, DKIMSigner
 from mailrelay.processing.headers import line_ending
@@ -105,35 +106,6 @@ def decoration_of(
     return Decoration(text_header or "", text_footer or "", html_header or "", html_footer or "")
 
 
-class _TTLCache:
-    """A small cache whose entries expire after ``ttl`` seconds on the injected clock."""
-
-    def __init__(self, clock: IReactorTime, ttl: float, size: int = 10000) -> None:
-        self._clock = clock
-        self._ttl = ttl
-        self._size = size
-        self._data: dict[Any, tuple[float, Any]] = {}
-        #: Moves on ``clear``: a value read before it is not kept after it.
-        self.epoch = 0
-
-    def get(self, key: Any) -> tuple[bool, Any]:
-        hit = self._data.get(key)
-        if hit is None or hit[0] <= self._clock.seconds():
-            return False, None
-        return True, hit[1]
-
-    def put(self, key: Any, value: Any, epoch: int) -> None:
-        if epoch != self.epoch:
-            return
-        if len(self._data) >= self._size:
-            self._data.clear()
-        self._data[key] = (self._clock.seconds() + self._ttl, value)
-
-    def clear(self) -> None:
-        self._data.clear()
-        self.epoch += 1
-
-
 class StoreDirectory:
     """
     ``Directory`` over ``mailrelay.storage.store.Store``.  Sending domains'
@@ -145,17 +117,19 @@ class StoreDirectory:
         from mailrelay.storage.suppressions import CoalescedChecks
 
         self._store = store
-        self._accounts = _TTLCache(clock, ttl)
-        self._domains = _TTLCache(clock, ttl)
+        self._accounts: TTLCache[int, AccountInfo | None] = TTLCache(clock, ttl, self._load_account, 10_000)
+        self._domains: TTLCache[str, DomainInfo | None] = TTLCache(clock, ttl, self._load_domain, 10_000)
         # Never cached (a suppression must take effect at once), but the checks of the
         # messages that become ready together go to the database as one query.
         self._suppression_checks = CoalescedChecks(store.suppressions, clock)
 
     async def account(self, account_id: int) -> AccountInfo | None:
-        hit, value = self._accounts.get(account_id)
-        if hit:
-            return value  # type: ignore[no-any-return]
-        epoch = self._accounts.epoch
+        return await self._accounts.get(account_id)
+
+    async def sending_domain(self, domain: str) -> DomainInfo | None:
+        return await self._domains.get(domain.lower())
+
+    async def _load_account(self, account_id: int) -> AccountInfo | None:
         from mailrelay.storage.errors import NotFound
 
         try:
@@ -171,15 +145,9 @@ class StoreDirectory:
                 notification_address=a.notification_address or None,
                 decoration=decoration_of(a.header_text, a.footer_text, a.header_html, a.footer_html),
             )
-        self._accounts.put(account_id, info, epoch)
         return info
 
-    async def sending_domain(self, domain: str) -> DomainInfo | None:
-        key = domain.lower()
-        hit, value = self._domains.get(key)
-        if hit:
-            return value  # type: ignore[no-any-return]
-        epoch = self._domains.epoch
+    async def _load_domain(self, key: str) -> DomainInfo | None:
         from mailrelay.storage.errors import NotFound, StorageError
 
         try:
@@ -208,7 +176,6 @@ class StoreDirectory:
                 account_id=d.account_id,
                 dkim_signing=d.dkim_signing,
             )
-        self._domains.put(key, info, epoch)
         return info
 
     def forget_all(self) -> None:

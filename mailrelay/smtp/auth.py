@@ -344,8 +344,9 @@ class LoginCache:
         entry = self._entries.get(key)
         return entry[1] if entry is not None else None
 
-    def put(self, key: bytes, principal: Principal, epoch: int | None = None) -> None:
-        if self._ttl <= 0 or self._max_entries <= 0 or (epoch is not None and epoch != self.epoch):
+    def put(self, key: bytes, principal: Principal, epoch: int) -> None:
+        """Keep ``principal``, checked when ``self.epoch`` was ``epoch`` (not if a ``clear`` came since)."""
+        if self._ttl <= 0 or self._max_entries <= 0 or epoch != self.epoch:
             return
         now = self._clock.seconds()
         self._expire(now)
