@@ -123,11 +123,16 @@ class StoreDirectory:
         # messages that become ready together go to the database as one query.
         self._suppression_checks = CoalescedChecks(store.suppressions, clock)
 
+    # Both run for every message: a fresh entry is answered without awaiting another coroutine.
+
     async def account(self, account_id: int) -> AccountInfo | None:
-        return await self._accounts.get(account_id)
+        hit = self._accounts.fresh(account_id)
+        return hit[0] if hit is not None else await self._accounts.get(account_id)
 
     async def sending_domain(self, domain: str) -> DomainInfo | None:
-        return await self._domains.get(domain.lower())
+        key = domain.lower()
+        hit = self._domains.fresh(key)
+        return hit[0] if hit is not None else await self._domains.get(key)
 
     async def _load_account(self, account_id: int) -> AccountInfo | None:
         from mailrelay.storage.errors import NotFound
