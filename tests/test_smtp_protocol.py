@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailrelay.interfaces import IMessageReceiver, ISMTPDelegate
-from mailrelay.smtp import replies
+from mailrelay.smtp import protocol, replies
 from mailrelay.smtp.protocol import ServerSettings
 from mailrelay.types import MailParams, Reply, SMTPReplyError
 from tests.support.smtp_fakes import (
@@ -890,6 +890,31 @@ class DataTests(SynchronousTestCase):
         h.send(b"\r\n.\r\n")
         self.assertEqual(h.codes(), [554])
         self.assertEqual(receiver.aborted, 1)
+
+    def test_long_line_inside_a_big_chunk(self) -> None:
+        """
+        A line of 999 octets among short lines, in one chunk of about 20 KB,
+        is found wherever it starts (the check looks at one octet in 500
+        first, so every offset against that spacing is tried).
+        """
+        short = b"y" * 76 + b"\r\n"
+        for offset in range(0, 520, 13):
+            for length, ok in ((998, True), (999, False)):
+                h = Harness()
+                receiver = in_data(h)
+                body = b"z" * offset + b"\r\n" + short * 120 + b"x" * length + b"\r\n" + short * 120
+                h.send(body + b".\r\n")
+                self.assertEqual(h.codes(), [250 if ok else 554], (offset, length))
+                self.assertEqual(receiver.aborted, 0 if ok else 1)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.integers(min_value=0, max_value=1300), min_size=1, max_size=8))
+    def test_property_long_line_check(self, lengths: list[int]) -> None:
+        """``_has_long_line`` agrees with splitting into every line, for lines around the limit."""
+        data = b"\n".join(b"x" * n for n in lengths)
+        data = b"\n" + data + b"\n"
+        expected = max(lengths) > protocol._MAX_RAW_LINE
+        self.assertEqual(protocol._has_long_line(data, 1, len(data) - 1), expected)
 
     def test_twenty_megabytes(self) -> None:
         """A 20 MB message in 64 KB chunks passes whole, in many writes, and fast."""
