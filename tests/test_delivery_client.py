@@ -143,6 +143,23 @@ class OutboundMessageTests(SynchronousTestCase):
         fewer = m.with_recipients(["b@example.com"])
         self.assertEqual((fewer.recipients, fewer.body), (("b@example.com",), m.body))
 
+    def test_smtputf8_from_header_section_only(self) -> None:
+        """
+        SMTPUTF8 is needed for UTF-8 in the header section, wherever it ends
+        (a CRLF or a bare-LF empty line, whichever comes first); UTF-8 in the
+        body alone needs only 8BITMIME.
+        """
+        utf8 = "Ü".encode()
+        for data, smtputf8 in (
+            (b"Subject: " + utf8 + b"\r\n\r\nbody\r\n", True),
+            (b"Subject: x\r\n\r\n" + utf8 + b"\r\n", False),
+            (b"Subject: x\n\n" + utf8 + b"\r\n\r\n", False),
+            (b"Subject: x\r\n\r\nbody\n\n" + utf8, False),
+            (b"Subject: x\r\nX: " + utf8, True),
+        ):
+            message = OutboundMessage.from_bytes("a@example.com", ["b@example.com"], data)
+            self.assertEqual((message.smtputf8, message.eight_bit), (smtputf8, True), data)
+
 
 class DotStufferTests(SynchronousTestCase):
     def test_crlf_kept(self) -> None:

@@ -164,8 +164,12 @@ def _as_factory(body: bytes | BodyFactory) -> BodyFactory:
 
 
 def _header_section(data: bytes) -> bytes:
-    ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
-    return data[: min(ends)] if ends else data
+    # A bare-LF empty line counts only before the CRLF one: searching the whole
+    # body of a CRLF message for ``\n\n`` would read every octet for nothing.
+    crlf = data.find(b"\r\n\r\n")
+    lf = data.find(b"\n\n", 0, len(data) if crlf < 0 else crlf)
+    end = crlf if lf < 0 else lf
+    return data if end < 0 else data[:end]
 
 
 @attrs.frozen
