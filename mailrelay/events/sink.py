@@ -78,11 +78,15 @@ def decode_tags(text: str | None) -> tuple[str, ...]:
     return tuple(json.loads(text)) if text else ()
 
 
+# One encoder for every event (``json.dumps`` with options builds a new one per call).
+_DETAIL_ENCODER = json.JSONEncoder(default=str, sort_keys=True)
+
+
 def encode_detail(detail: dict[str, Any]) -> str | None:
     if not detail:
         return None
     try:
-        return json.dumps(detail, default=str, sort_keys=True)
+        return _DETAIL_ENCODER.encode(detail)
     except (ValueError, TypeError):  # a circular structure or odd keys: keep what can be told
         return json.dumps({"unencodable": repr(detail)})
 

@@ -108,8 +108,12 @@ MESSAGE_KINDS = frozenset({K_MSG_INLINE, K_MSG_FILE})
 _U32 = struct.Struct(">I")
 
 
+# One encoder for every record: ``json.dumps`` with options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _ENCODER.encode(obj).encode("utf-8")
 
 
 def frame(kind: int, payload: bytes) -> bytes:
