@@ -7,14 +7,21 @@ correctly without reading first.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 
 from mailrelay.storage.database import DatabasePool, Transaction
 
 
+@functools.lru_cache(maxsize=4)
+def _day(days: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(days * 86400))
+
+
 def utc_day(ts: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+    """``YYYY-MM-DD`` of ``ts`` in UTC (asked several times per message: cached per day)."""
+    return _day(int(ts // 86400))
 
 
 class Counters:
