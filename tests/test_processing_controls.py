@@ -20,7 +20,8 @@ from mailrelay.processing.controls import (
     parse_policy_headers,
     strip_control_headers,
 )
-from mailrelay.processing.headers import make_field, parse_fields, remove_fields, split_message
+from mailrelay.processing.headers import make_field, message_date, parse_fields, remove_fields, split_message
+from mailrelay.storage.counters import utc_day
 from mailrelay.types import Reply, SMTPReplyError
 
 
@@ -77,6 +78,23 @@ class HeaderBlockTests(SynchronousTestCase):
     def test_make_field_refuses_line_breaks(self) -> None:
         """A value with CR or LF cannot inject another header."""
         self.assertRaises(ValueError, make_field, "Bcc", "a@b.example\r\nX-Evil: 1")
+
+
+class DateTests(SynchronousTestCase):
+    def test_message_date(self) -> None:
+        """RFC 5322 dates in GMT, to the second (a fraction never rounds up), the same when cached."""
+        self.assertEqual(message_date(0), "Thu, 01 Jan 1970 00:00:00 GMT")
+        self.assertEqual(message_date(951868799.9999999), "Tue, 29 Feb 2000 23:59:59 GMT")
+        self.assertEqual(message_date(951868800), "Wed, 01 Mar 2000 00:00:00 GMT")
+        for _ in range(2):
+            self.assertEqual(message_date(1763830000.5), "Sat, 22 Nov 2025 16:46:40 GMT")
+
+    def test_utc_day(self) -> None:
+        """The UTC day of a timestamp, at and around midnight, before 1970 too."""
+        self.assertEqual(utc_day(951868799.999), "2000-02-29")
+        self.assertEqual(utc_day(951868800), "2000-03-01")
+        self.assertEqual(utc_day(-1), "1969-12-31")
+        self.assertEqual(utc_day(1763830000), "2025-11-22")
 
 
 class MailtargetTests(SynchronousTestCase):

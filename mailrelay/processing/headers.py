@@ -10,6 +10,9 @@ promise that, so this module splits the raw bytes itself.
 
 from __future__ import annotations
 
+import email.utils
+import functools
+import math
 import re
 from collections.abc import Iterable
 
@@ -106,6 +109,19 @@ def remove_fields(header_block: bytes, names: Iterable[str], prefixes: Iterable[
     return join_fields(
         f for f in parse_fields(header_block) if not (f.name and (f.lname in drop or f.lname.startswith(starts)))
     )
+
+
+def message_date(ts: float) -> str:
+    """
+    ``ts`` as an RFC 5322 date-time in GMT, to the second (the Date field,
+    a Received line).  Cached per second: each message asks more than once.
+    """
+    return _date_of_second(math.floor(ts))
+
+
+@functools.lru_cache(maxsize=4)
+def _date_of_second(second: int) -> str:
+    return email.utils.formatdate(second, usegmt=True)
 
 
 def line_ending(message: bytes) -> bytes:

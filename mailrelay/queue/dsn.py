@@ -15,14 +15,13 @@ boundary) comes in as an argument, so a test can compare exact output.
 
 from __future__ import annotations
 
-import email.utils
 from collections.abc import Sequence
 from typing import Literal
 
 import attrs
 
 from mailrelay.processing.controls import strip_control_headers
-from mailrelay.processing.headers import parse_fields, split_message
+from mailrelay.processing.headers import message_date, parse_fields, split_message
 
 Action = Literal["failed", "delayed"]
 
@@ -54,8 +53,6 @@ def status_of(code: int, status: str) -> str:
     return f"{str(code)[0]}.0.0" if 200 <= code < 600 else "5.0.0"
 
 
-def _date(ts: float) -> str:
-    return email.utils.formatdate(ts, localtime=False, usegmt=True)
 
 
 def _address_field(name: str, address: str) -> str:
@@ -95,7 +92,7 @@ def _human_text(
             "####################################################################",
             "",
             "Your message could not be delivered yet to one or more recipients.",
-            f"It will be retried until {_date(until)}." if until else "It will be retried.",
+            f"It will be retried until {message_date(until)}." if until else "It will be retried.",
         ]
     else:
         lines += [
@@ -146,7 +143,7 @@ def build_dsn(
         f"From: Mail Delivery System <{from_address}>",
         f"To: <{to_address}>",
         f"Subject: {subject}",
-        f"Date: {_date(now)}",
+        f"Date: {message_date(now)}",
         f"Message-ID: {message_id}",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
@@ -154,7 +151,7 @@ def build_dsn(
         "Content-Transfer-Encoding: 8bit",
     ]
     human = _human_text(reporting_mta, queue_id, recipients, reason, delayed)
-    fields = [f"Reporting-MTA: dns; {reporting_mta}", f"Arrival-Date: {_date(arrival)}", ""]
+    fields = [f"Reporting-MTA: dns; {reporting_mta}", f"Arrival-Date: {message_date(arrival)}", ""]
     for r in recipients:
         fields.append(_address_field("Final-Recipient", r.recipient))
         fields.append(f"Action: {r.action}")
@@ -164,9 +161,9 @@ def build_dsn(
         if r.diagnostic:
             fields.append(f"Diagnostic-Code: smtp; {_clean(r.diagnostic)}")
         if r.last_attempt is not None:
-            fields.append(f"Last-Attempt-Date: {_date(r.last_attempt)}")
+            fields.append(f"Last-Attempt-Date: {message_date(r.last_attempt)}")
         if r.will_retry_until is not None and r.action == "delayed":
-            fields.append(f"Will-Retry-Until: {_date(r.will_retry_until)}")
+            fields.append(f"Will-Retry-Until: {message_date(r.will_retry_until)}")
         fields.append("")
     headers = original_headers(original)
     human_bytes = human.encode("utf-8")

@@ -23,7 +23,6 @@ domain per minute, not one per message.
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import time
 from collections.abc import Iterable, Mapping
@@ -35,7 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 from mailrelay.policy.directory import TTLCache
 from mailrelay.processing.controls import ControlAttributes, RecipientCopy
 from mailrelay.processing.dkim import DKIMError, DKIMSigner
-from mailrelay.processing.headers import line_ending
+from mailrelay.processing.headers import line_ending, message_date
 from mailrelay.processing.mime import Decoration, RenderRequest, Tracking, render
 from mailrelay.processing.tokens import TokenSigner, verp_address
 from mailrelay.spool.model import SpooledMessage
@@ -294,7 +293,7 @@ class Renderer:
             recipients=message.recipients,
             received_at=received_at,
             message_id=env.get("message_id") or message_id_for(message.queue_id, received_at, self.settings.hostname),
-            date=email.utils.formatdate(received_at, usegmt=True),
+            date=message_date(received_at),
             dsn=dsn,
             controls=controls,
             roles=dict(env.get("roles") or {}),

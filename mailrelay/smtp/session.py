@@ -18,7 +18,6 @@ body streams to the spool as before.
 
 from __future__ import annotations
 
-import email.utils
 import re
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -55,7 +54,7 @@ from mailrelay.processing.controls import (
     parse_control_headers,
     parse_policy_headers,
 )
-from mailrelay.processing.headers import parse_fields
+from mailrelay.processing.headers import message_date, parse_fields
 from mailrelay.types import Envelope, MailParams, Principal, Reply, SessionInfo, SMTPReplyError, split_address, unique
 
 log = Logger()
@@ -184,7 +183,7 @@ def received_header(session: SessionInfo, queue_id: str, recipient: str | None, 
         else ""
     )
     rcpt = f"\r\n\tfor <{recipient}>" if recipient else ""
-    date = email.utils.formatdate(now, usegmt=True)
+    date = message_date(now)
     text = (
         f"Received: from {helo} ([{session.client_ip}]){tls}\r\n\tby {session.server_hostname} (mailrelay)"
         f" with {protocol} id {queue_id}{rcpt};\r\n\t{date}\r\n"
