@@ -20,7 +20,7 @@ from mailrelay.processing.controls import (
     parse_policy_headers,
     strip_control_headers,
 )
-from mailrelay.processing.headers import make_field, message_date, parse_fields, remove_fields, split_message
+from mailrelay.processing.headers import make_field, message_date, parse_fields, remove_fields, split_message, unfold
 from mailrelay.storage.counters import utc_day
 from mailrelay.types import Reply, SMTPReplyError
 
@@ -50,6 +50,10 @@ class HeaderBlockTests(SynchronousTestCase):
         fields = parse_fields(b"Subject: one\r\n two\r\n\tthree\r\nTo: x@y.example\r\n")
         self.assertEqual([f.name for f in fields], [b"Subject", b"To"])
         self.assertEqual(fields[0].value, b"one two\tthree")
+        self.assertEqual(fields[1].value, b"x@y.example")
+        # A line break not followed by a blank is not folding: kept (only the last one goes).
+        self.assertEqual(unfold(b" a\r\nb\r\n"), b" a\r\nb")
+        self.assertEqual(unfold(b" a\n\tb\n"), b" a\tb")
 
     def test_parse_again_gives_a_fresh_list(self) -> None:
         """Parsing the same block twice (the remembered one) gives equal fields in a list of the caller's own."""

@@ -326,7 +326,10 @@ def tls_creator(policy: TLSPolicy, hostname: str) -> IOpenSSLClientConnectionCre
 
 def _valid_address(address: str) -> bool:
     """No byte that could end or split an SMTP command (command injection)."""
-    return not re.search(r"[\x00-\x1f\x7f<>]", address)
+    return _UNSAFE_IN_ADDRESS.search(address) is None
+
+
+_UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
 
 
 def _status_of(reply: Reply) -> DeliveryStatus:

@@ -48,9 +48,15 @@ class Field:
         return unfold(self.raw[colon + 1 :]).strip(b" \t") if colon >= 0 else b""
 
 
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")
+
+
 def unfold(value: bytes) -> bytes:
     """Remove the line breaks of folding (RFC 5322 section 2.2.3) and the trailing one."""
-    return re.sub(rb"\r?\n(?=[ \t])", b"", value).rstrip(b"\r\n")
+    newline = value.find(b"\n")
+    if newline < 0 or newline == len(value) - 1:
+        return value.rstrip(b"\r\n")  # one line: nothing folded (most fields)
+    return _FOLD.sub(b"", value).rstrip(b"\r\n")
 
 
 def split_message(message: bytes) -> tuple[bytes, bytes]:
