@@ -91,9 +91,9 @@ class DotStuffer:
         if not chunk:
             return b""
         # Every line break is CRLF (the usual case: no copies) when there are
-        # as many lines as CRLFs, plus one for unterminated text at the end.
-        # ``splitlines`` breaks at CR, LF and CRLF; both calls are several times
-        # faster than counting single octets.
+        # as many lines as CRLFs, plus one for unterminated text at the end
+        # (``splitlines`` breaks at CR, LF and CRLF).  One pass of it costs less
+        # than the two single-octet counts (CR, LF) it replaces.
         lines = len(chunk.splitlines())
         if lines == chunk.count(b"\r\n") + (not chunk.endswith((b"\n", b"\r"))):
             data = chunk
@@ -324,12 +324,12 @@ def tls_creator(policy: TLSPolicy, hostname: str) -> IOpenSSLClientConnectionCre
     return _OpportunisticTLS(hostname)
 
 
+_UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
+
+
 def _valid_address(address: str) -> bool:
     """No byte that could end or split an SMTP command (command injection)."""
     return _UNSAFE_IN_ADDRESS.search(address) is None
-
-
-_UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
 
 
 def _status_of(reply: Reply) -> DeliveryStatus:

@@ -53,8 +53,6 @@ def status_of(code: int, status: str) -> str:
     return f"{str(code)[0]}.0.0" if 200 <= code < 600 else "5.0.0"
 
 
-
-
 def _address_field(name: str, address: str) -> str:
     # RFC 6533: an address that is not ASCII is typed utf-8.
     kind = "rfc822" if address.isascii() else "utf-8"
