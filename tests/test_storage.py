@@ -416,6 +416,18 @@ class StorageTestsMixin:
         with self.assertRaises(StorageError):  # type: ignore[attr-defined]
             await store.suppressions.add(a.id, "x@example.com", "because")
 
+    async def test_suppression_check_every_batch_size(self) -> None:
+        """Checks of 1 to 1,100 addresses (a few statement shapes, 512 per query) find exactly the suppressed."""
+        store = await self.store()
+        a = await store.accounts.create("a", None)
+        dead = {f"dead{i}@example.com" for i in (0, 2, 510, 511, 512, 1099)}
+        for address in dead:
+            await store.suppressions.add(a.id, address, "hard_bounce")
+        for n in (1, 2, 3, 5, 511, 512, 513, 1100):
+            asked = [f"dead{i}@example.com" for i in range(n)]
+            found = await store.suppressions.suppressed(a.id, asked)
+            self.assertEqual(set(found), {x for x in asked if x in dead}, n)  # type: ignore[attr-defined]
+
     async def test_counters(self) -> None:
         """Daily counters add up across separate increments (upsert)."""
         store = await self.store()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from twisted.internet.defer import Deferred
@@ -16,6 +17,16 @@ from mailrelay.storage.model import Suppression
 REASONS = ("hard_bounce", "complaint", "unsubscribe", "manual")
 
 _SELECT = "SELECT id, account_id, address, scope, reason, detail, created_at, expires_at FROM suppressions"
+
+_CHECK_CHUNK = 512
+
+
+@functools.lru_cache(maxsize=32)
+def _check_sql(addresses: int, scopes: int) -> str:
+    return (
+        _SELECT + f" WHERE account_id = ? AND address IN ({', '.join('?' * addresses)})"
+        f" AND scope IN ({', '.join('?' * scopes)}) AND (expires_at IS NULL OR expires_at > ?)"
+    )
 
 
 def _suppression(row: Row) -> Suppression:
@@ -85,15 +96,14 @@ class Suppressions:
         found: dict[str, Suppression] = {}
         keys = sorted(wanted)
         now = self._clock.seconds()
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            marks = ", ".join("?" * len(chunk))
-            scope_marks = ", ".join("?" * len(scopes))
+        for start in range(0, len(keys), _CHECK_CHUNK):
+            chunk = keys[start : start + _CHECK_CHUNK]
+            # A few shapes of statement (1, 2, 4, ... addresses) stay in the
+            # prepared-statement cache; the last address repeats to fill one.
+            width = 1 << (len(chunk) - 1).bit_length()
             rows = await self._pool.execute(
-                "suppression_check",
-                _SELECT + f" WHERE account_id = ? AND address IN ({marks}) AND scope IN ({scope_marks})"
-                " AND (expires_at IS NULL OR expires_at > ?)",
-                [account_id, *chunk, *scopes, now],
+                "suppression_check", _check_sql(width, len(scopes)),
+                [account_id, *chunk, *[chunk[-1]] * (width - len(chunk)), *scopes, now],
             )
             for r in rows:
                 s = _suppression(r)
