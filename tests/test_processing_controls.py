@@ -470,6 +470,32 @@ class PolicyHeadersTests(SynchronousTestCase):
         """A message without From is refused."""
         self.assertPolicyRefused(block("To: x@y.example"), "5.6.0", "Message must have a From header")
 
+    def test_line_that_is_not_a_field(self) -> None:
+        """
+        A line with no colon, a name with a blank in it, or a continuation with
+        no field before it is refused at once: DKIM signing could not read it.
+        """
+        for bad, shown in (
+            ("no colon here", "'no colon here'"),
+            ("Bad Name: x", "'Bad Name: x'"),
+            ("From a@b.example Mon Jan  1 00:00:00 2024", "'From a@b.example Mon Jan  1 00:00:00 2024'"),
+            ("\x01ctl: x", "'?ctl: x'"),
+        ):
+            self.assertPolicyRefused(
+                block("From: a@b.example", bad, "To: c@d.example"),
+                "5.6.0",
+                f"Malformed header line (not a Name: value field): {shown}",
+            )
+        self.assertPolicyRefused(block(" leading", "From: a@b.example"), "5.6.0", "Malformed header line")
+        self.assertPolicyRefused(block(":", "From: a@b.example"), "5.6.0", "Malformed header line")
+
+    def test_odd_but_valid_fields(self) -> None:
+        """Folding, blanks before the colon (RFC 5322's obsolete syntax) and an empty value are fields."""
+        headers = parse_policy_headers(
+            block("From: a@b.example", "Subject : hello", "To:", " c@d.example", "X-Empty:", "X-Tab\t: x")
+        )
+        self.assertEqual((headers.from_address, headers.subject, headers.to_present), ("a@b.example", "hello", True))
+
     def test_two_from_headers(self) -> None:
         """Two From fields are refused."""
         self.assertPolicyRefused(block("From: a@b.example", "From: c@d.example"), "5.6.0", "more than one From")

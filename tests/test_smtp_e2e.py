@@ -241,12 +241,14 @@ class SubmissionTests(RelayFixture, SynchronousTestCase):
         self.assertIn("LOGIN", client.esmtp_features["auth"])
 
     def test_policy_replies(self) -> None:
-        """Unconfigured domain, missing From/To, bad Reply-To, bad X-MT-ATTR, suspended account: precise 550s."""
+        """Unconfigured domain, missing From/To, a line that is not a field, bad Reply-To, bad X-MT-ATTR, a suspended
+        account: precise 550s."""
         client = self.submission()
         cases = [
             (message(sender="me@admin.example.org"), (550, b"5.7.1 Unconfigured Sending Domain <admin.example.org>")),
             (b"To: a@example.net\r\nSubject: x\r\n\r\nbody\r\n", (550, b"5.6.0 Message must have a From header")),
             (message(to=""), (550, b"5.6.0 Message must have a To header")),
+            (b"From: shop@example.com\r\nTo: a@example.net\r\nno colon\r\n\r\nbody\r\n", (550, b"5.6.0 Malformed")),
             (message(extra={"Reply-To": "not an address"}), (550, b"5.1.7 Invalid Reply-To address")),
             (message(extra={"X-MT-ATTR": "{not json"}), (550, b"5.6.0 JSON parsing error in X-MT-ATTR")),
         ]

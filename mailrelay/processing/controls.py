@@ -626,10 +626,13 @@ def _parse_policy_headers(header_block: bytes) -> PolicyHeaders:
     raw: dict[str, Field] = {}
     fields: dict[str, list[Field]] = {}
     for field in parse_fields(header_block):
-        if field.name:
-            raw.setdefault(field.lname, field)
-            if field.lname in _PARSED:
-                fields.setdefault(field.lname, []).append(field)
+        if not field.name:
+            # DKIM signing and the receiving MTAs cannot read such a line: refuse it now, not at delivery.
+            line = field.raw.splitlines()[0].decode("utf-8", "replace")
+            raise PolicyHeaderError("5.6.0", f"Malformed header line (not a Name: value field): {_printable(line)!r}")
+        raw.setdefault(field.lname, field)
+        if field.lname in _PARSED:
+            fields.setdefault(field.lname, []).append(field)
     froms = fields.get("from", [])
     if not froms:
         raise PolicyHeaderError("5.6.0", "Message must have a From header")

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy, correct_empty_body, strip_trailing_lines
 
-from mailrelay.processing.headers import split_message
+from mailrelay.processing.headers import parse_fields, split_message
 
 #: Header fields signed when present, in the message's order (RFC 6376
 #: section 5.4.1), including those RFC 8058 requires to be covered.
@@ -96,20 +96,28 @@ def _load_ed25519(data: bytes) -> ed25519.Ed25519PrivateKey:
     return key
 
 
+_LINE_END = re.compile(rb"\r?\n")
+
+
 def _parse(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """
-    ``dkim.rfc822_parse``'s result, faster on big messages: only the header
-    block goes through dkimpy; the body is split off here and gets CRLF
-    line endings only when it has bare LFs.
+    The header fields and the body as ``dkim.rfc822_parse`` gives them, but
+    read with the relay's own parser (the one the policy checked the message
+    with), and faster on big messages: the body gets CRLF line endings only
+    when it has bare LFs.  dkimpy's parser refuses a field with blanks before
+    its colon (RFC 5322's obsolete syntax, which the policy accepts); such a
+    name keeps its blanks here, so the field stays out of ``h=``.
     """
     head, rest = split_message(message)
-    try:
-        headers, _ = dkim.rfc822_parse(head)
-    except dkim.MessageFormatError as e:
-        raise DKIMError(f"cannot sign: {e}")
+    headers: list[tuple[bytes, bytes]] = []
+    for field in parse_fields(head):
+        if field.name:  # the policy refuses other lines; a message queued before it did is still signed
+            colon = field.raw.index(b":")
+            value = _LINE_END.sub(b"\r\n", field.raw[colon + 1 :])
+            headers.append((field.raw[:colon], value if value.endswith(b"\r\n") else value + b"\r\n"))
     body = rest[2:] if rest.startswith(b"\r\n") else rest[1:]
     if body.count(b"\n") != body.count(b"\r\n"):
-        body = re.sub(rb"\r?\n", b"\r\n", body)
+        body = _LINE_END.sub(b"\r\n", body)
     return headers, body
 
 
