@@ -6,8 +6,9 @@ A message to two recipients is delivered to the sink; each copy carries
 its own VERP return path.  The test then plays the receiving systems: over
 the ``smtp`` listener (port 25 mode, no AUTH) it returns a DSN for one
 copy and an ARF complaint for the other, and checks the events and the
-suppression list.  Mail to the bounce domain that is not a valid VERP
-address, and mail for other domains, must be refused at RCPT.
+suppression list.  Mail to the bounce domain that is neither a VERP address
+nor one of its fixed mailboxes (fbl, postmaster, abuse), and mail for other
+domains, must be refused at RCPT.
 """
 
 from __future__ import annotations
@@ -131,12 +132,17 @@ class FeedbackTests(RelayFixture, TestCase):
         self.assertTrue(all(v.endswith("@bounces.relay.test") for v in verp.values()), verp)
 
         fields = {"sender": SENDER}
-        code, text = await deferToThread(
-            self.inbound, verp[bounced], crlf(DSN.format(verp=verp[bounced], rcpt=bounced, **fields))
+        # A bounce whose From has no domain and which has a line that is not a field: the header policy is for
+        # senders, not for reports, so it is taken and read all the same.
+        dsn = DSN.format(verp=verp[bounced], rcpt=bounced, **fields).replace(
+            "From: MAILER-DAEMON@mx.example.net (Mail Delivery System)",
+            "From: Mail Delivery System <MAILER-DAEMON>\nnot a field",
         )
+        code, text = await deferToThread(self.inbound, verp[bounced], crlf(dsn))
         self.assertEqual(code, 250, text)
+        # Feedback loops send to the one address registered with them; Original-Mail-From names the copy.
         code, text = await deferToThread(
-            self.inbound, verp[complained], crlf(ARF.format(verp=verp[complained], rcpt=complained, **fields))
+            self.inbound, "fbl@bounces.relay.test", crlf(ARF.format(verp=verp[complained], rcpt=complained, **fields))
         )
         self.assertEqual(code, 250, text)
 
@@ -158,8 +164,15 @@ class FeedbackTests(RelayFixture, TestCase):
             await deferLater(reactor, 0.2, lambda: None)  # type: ignore[arg-type]
         self.assertEqual((found.get(bounced), found.get(complained)), ("hard_bounce", "complaint"))
 
-    async def test_refused_recipients(self) -> None:
-        """Not a VERP address on the bounce domain: 550 5.1.1; another domain: 554 5.7.1 (no open relay)."""
+    async def test_recipients(self) -> None:
+        """
+        fbl@, postmaster@ and abuse@ the bounce domain and a bare <postmaster> (RFC 5321 section 4.5.1) are
+        taken; another address on the bounce domain gets 550 5.1.1, another domain 554 5.7.1 (no open relay).
+        """
+        for rcpt in ("fbl@bounces.relay.test", "Postmaster@bounces.relay.test", "abuse@bounces.relay.test",
+                     "postmaster"):
+            code, text = await deferToThread(self.inbound, rcpt)
+            self.assertEqual((code, text[:5]), (250, b"2.1.5"), rcpt)
         code, text = await deferToThread(self.inbound, "nobody@bounces.relay.test")
         self.assertEqual((code, text[:5]), (550, b"5.1.1"))
         code, text = await deferToThread(self.inbound, "someone@elsewhere.example")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any, Protocol
 
 import attrs
@@ -112,6 +113,11 @@ class Submission:
         return Session(self)
 
 
+#: Fixed mailboxes on the bounce domain: feedback loops send complaints to ``fbl@``, and RFC 5321 and 2142 ask
+#: for ``postmaster@`` and ``abuse@``.  Their mail goes to the feedback handler like a VERP address's.
+FEEDBACK_MAILBOXES = frozenset({"fbl", "postmaster", "abuse"})
+
+
 def _is_verp(local: str) -> bool:
     return local.lower().startswith("bounces+") and len(local) > len("bounces+")
 
@@ -148,9 +154,11 @@ class Session:
             return None
         # Without AUTH (port 25) only the relay's own addresses: never an open relay.
         if domain == self.config.domains.bounce_domain:
-            if _is_verp(local):
+            if _is_verp(local) or local.lower() in FEEDBACK_MAILBOXES:
                 return None
             raise SMTPReplyError(NO_SUCH_USER)
+        if not domain and local.lower() == "postmaster":
+            return None  # RFC 5321 section 4.5.1: <Postmaster> with no domain must be accepted
         raise SMTPReplyError(RELAY_DENIED)
 
     def _check_list_address(self, attribution: Attribution, account_id: int, local: str) -> Deferred[None]:
@@ -247,6 +255,15 @@ class MessageReceiver:
 
     def _open(self, header_block: bytes) -> None:
         """Parse the header section and open the spool writer, or note why the message will be refused."""
+        principal = self.session.principal
+        if principal is None:
+            # Mail for the relay's own addresses (bounces, complaints) goes to the feedback parser, which reads
+            # any message. A sender's header policy does not apply: refusing a report would only lose it.
+            with suppress(SMTPReplyError):
+                self.headers = parse_policy_headers(header_block)
+            self._headers_done = True
+            self._start(header_block, tuple((r, "to") for r in unique(self.envelope.rcpt_to)), None)
+            return
         try:
             self.headers = parse_policy_headers(header_block)
             self.controls = parse_control_headers(header_block)
@@ -255,11 +272,7 @@ class MessageReceiver:
             return
         self._headers_done = True
         attribution = self.submission.attribution
-        principal = self.session.principal
-        if principal is None:
-            copies: tuple[tuple[str, str], ...] = tuple((r, "to") for r in unique(self.envelope.rcpt_to))
-            self._start(header_block, copies, None)
-        elif attribution is None:
+        if attribution is None:
             copies = tuple((c.address, c.role) for c in fan_out(self.envelope.rcpt_to, self.controls))
             self._start(header_block, copies, None)
         else:
@@ -403,7 +416,7 @@ class MessageReceiver:
         try:
             account_id = await self._check_policy()
             writer = self._writer
-            assert writer is not None and self.headers is not None
+            assert writer is not None
             queue_id: str = await writer.commit()
         except BaseException:
             self.abort()
