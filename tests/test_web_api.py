@@ -9,6 +9,7 @@ import csv
 import io
 import os
 from typing import Any
+from urllib.parse import quote
 
 from openapi_spec_validator import validate
 from twisted.internet import reactor
@@ -17,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from mailrelay.events.model import Event, EventType
 from mailrelay.events.sink import EventSink
 from mailrelay.storage.credentials import SCOPES
-from mailrelay.web.api import MAX_JSON_BODY
+from mailrelay.web.api import MAX_JSON_BODY, encode_cursor
 from mailrelay.web.api_v1 import ApiV1
 from tests.test_web_support import SpecMismatch, Web, check_response, check_schema, spec
 
@@ -112,6 +113,25 @@ class ApiTestsMixin:
         t.assertEqual((bad_limit.status, bad_limit.json()["error"]["code"]), (400, "invalid_parameter"))
         bad_cursor = await web.call("GET", "/suppressions?cursor=%%%")
         t.assertEqual((bad_cursor.status, bad_cursor.json()["error"]["code"]), (400, "invalid_cursor"))
+
+    async def test_forged_cursors_and_ids(self) -> None:
+        """
+        A cursor is sent back by the client, so a made-up one (a position too big for a database integer, a
+        string, a list, a boolean) is 400 invalid_cursor, and an id no row can have is 404: never a 500.
+        """
+        web = await self.web()
+        t: Any = self
+        hook = (await web.call("POST", "/webhooks", {"url": "https://hooks.example.com/x"})).json()
+        paths = {"/suppressions": "after", "/events": "id", f"/webhooks/{hook['id']}/attempts": "before"}
+        for path, key in paths.items():
+            for value in (10**30, 2**63, -1, "12", [1], True, 1.5):
+                got = await web.call("GET", f"{path}?cursor={encode_cursor({key: value})}")
+                t.assertEqual((got.status, got.json()["error"]["code"]), (400, "invalid_cursor"), (path, value))
+            t.assertEqual((await web.call("GET", f"{path}?cursor={encode_cursor({key: 2**63 - 1})}")).status, 200)
+        for ident in ("99999999999999999999999", str(2**63), "\u00b2", "\u0663", "-1", "1e3"):
+            for method, path in (("DELETE", f"/credentials/{ident}"), ("GET", f"/webhooks/{ident}")):
+                got = await web.call(method, quote(path))
+                t.assertEqual((got.status, got.json()["error"]["code"]), (404, "not_found"), (method, ident))
 
     # -- suppressions -------------------------------------------------------------
 

@@ -147,6 +147,19 @@ class Call:
         text = self.arg("cursor")
         return None if text is None else decode_cursor(text)
 
+    def cursor_position(self, key: str) -> int | None:
+        """
+        A row id kept in the cursor, or None without a cursor.  A cursor is
+        the client's to send back, so what it holds is checked like input.
+        """
+        cursor = self.cursor()
+        value = None if cursor is None else cursor.get(key)
+        if value is None:
+            return None
+        if type(value) is not int or not 0 <= value <= MAX_ROW_ID:
+            raise bad_request("the cursor is not one this API returned", "invalid_cursor")
+        return value
+
     # -- bodies ----------------------------------------------------------------
 
     def raw_body(self, limit: int = MAX_JSON_BODY) -> bytes:
@@ -229,6 +242,18 @@ def encode_cursor(data: Mapping[str, Any]) -> str:
     """An opaque page cursor (clients pass it back as is; its content is not part of the API)."""
     raw = json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+#: Row ids are 64-bit signed integers in both engines.
+MAX_ROW_ID = 2**63 - 1
+
+
+def row_id(text: str) -> int | None:
+    """A row id from a path segment, or None when it cannot be one (the caller answers 404)."""
+    if not re.fullmatch(r"[0-9]{1,19}", text):
+        return None
+    number = int(text)
+    return number if number <= MAX_ROW_ID else None
 
 
 def decode_cursor(text: str) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from mailrelay.web.api import (
     encode_cursor,
     invalid,
     not_found,
+    row_id,
 )
 
 MAX_IMPORT_ROWS = 10000
@@ -306,10 +307,7 @@ class ApiV1:
             since=call.float_arg("since"),
             until=call.float_arg("until"),
         )
-        cursor = call.cursor()
-        after = cursor.get("id") if cursor else None
-        if after is not None and not isinstance(after, int):
-            raise bad_request("the cursor is not one this API returned", "invalid_cursor")
+        after = call.cursor_position("id")
         page = await self.d.events.find(where, cursor=after, limit=call.limit(), newest_first=order == "desc")
         return _page([e.to_json() for e in page.events], {"id": page.cursor} if page.cursor is not None else None)
 
@@ -333,7 +331,7 @@ class ApiV1:
         reason = call.arg("reason")
         if reason is not None and reason not in REASONS:
             raise bad_request(f"the reason must be one of {', '.join(REASONS)}", "invalid_parameter")
-        after = int((call.cursor() or {}).get("after", 0))
+        after = call.cursor_position("after") or 0
         limit = call.limit()
         found = await self.d.store.suppressions.list(call.account_id, reason=reason, limit=limit + 1, after_id=after)
         more = len(found) > limit
@@ -669,10 +667,10 @@ class ApiV1:
         return Response(201, {**_credential(created), "secret": shown})
 
     async def revoke_credential(self, call: Call) -> Response:
-        ident = call.params["credential"]
-        if not ident.isdigit():
+        ident = row_id(call.params["credential"])
+        if ident is None:
             raise not_found("no credential with this id")
-        await self.d.store.credentials.revoke(call.account_id, credential_id=int(ident))
+        await self.d.store.credentials.revoke(call.account_id, credential_id=ident)
         self.d.authenticator.forget_all()
         return Response(204)
 
@@ -686,10 +684,10 @@ class ApiV1:
             self.d.dispatcher.invalidate(account_id)
 
     async def _own_webhook(self, call: Call) -> Webhook:
-        ident = call.params["webhook"]
-        if not ident.isdigit() or len(ident) > 18:
+        ident = row_id(call.params["webhook"])
+        if ident is None:
             raise not_found("no webhook with this id")
-        return await self.d.webhooks.get(call.account_id, int(ident))
+        return await self.d.webhooks.get(call.account_id, ident)
 
     def _event_types(self, values: list[str] | None) -> list[str] | None:
         if values is None:
@@ -756,11 +754,9 @@ class ApiV1:
 
     async def webhook_attempts(self, call: Call) -> Response:
         found = await self._own_webhook(call)
-        before = (call.cursor() or {}).get("before")
+        before = call.cursor_position("before")
         limit = call.limit()
-        attempts = await self.d.webhooks.attempts(
-            call.account_id, found.id, limit=limit + 1, before_id=int(before) if before is not None else None
-        )
+        attempts = await self.d.webhooks.attempts(call.account_id, found.id, limit=limit + 1, before_id=before)
         more = len(attempts) > limit
         attempts = attempts[:limit]
         return _page([_attempt(a) for a in attempts], {"before": attempts[-1].id} if more else None)
