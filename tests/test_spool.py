@@ -260,11 +260,28 @@ class FreshBodyTests(SpoolTestCase):
             await spool.read_message(qid)
 
     @async_test
-    async def test_budget_evicts_oldest(self) -> None:
-        """Beyond the budget the oldest bodies are dropped from memory and read from the segment."""
+    async def test_budget_keeps_the_next_to_be_read(self) -> None:
+        """
+        Beyond the budget a new body is not kept (it is read from the segment
+        later): the ones kept are older, and the queue reads them first.
+        """
         spool, _ = await self.open(fresh_budget=2500)
-        ids = [await self.put(spool, body_of(1000, i)) for i in range(4)]
-        self.damage_segments()  # only the last record is damaged: the others read fine from disk
+        ids = [await self.put(spool, body_of(1000, i)) for i in range(3)]
+        self.assertEqual(spool._fresh_size, 2000)
+        self.damage_segments()  # the last record: read from disk, it fails its checksum
+        for i, qid in enumerate(ids[:2]):
+            self.assertEqual(await spool.read_message(qid), body_of(1000, i))
+        with self.assertRaisesRegex(ValueError, "checksum"):
+            await spool.read_message(ids[2])
+        self.assertEqual(spool._fresh_size, 0)
+
+    @async_test
+    async def test_bodies_kept_too_long_make_room(self) -> None:
+        """A body kept longer than ``fresh_age`` (say, a held message) gives its room to a new one."""
+        spool, _ = await self.open(fresh_budget=2500, fresh_age=0)
+        ids = [await self.put(spool, body_of(1000, i)) for i in range(3)]
+        self.assertEqual(spool._fresh_size, 2000)
+        self.damage_segments()  # the newest was kept: its damage on disk does not show
         for i, qid in enumerate(ids):
             self.assertEqual(await spool.read_message(qid), body_of(1000, i))
         self.assertEqual(spool._fresh_size, 0)

@@ -343,6 +343,7 @@ class Spool:
         compact_after: float = 300.0,
         compact_interval: float = 60.0,
         fresh_budget: int = 16 * 1024 * 1024,
+        fresh_age: float = 30.0,
         fsync: Callable[[int], None] = os.fsync,
         randbytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
@@ -369,10 +370,11 @@ class Spool:
         self._big_files: set[str] = set()
         # Bodies of inline messages just committed, kept for their first read: the
         # queue reads a new message at once, so this saves a file read and a thread
-        # hop per message.  Oldest out beyond the budget; a miss reads the segment.
-        self._fresh: OrderedDict[str, bytes] = OrderedDict()
+        # hop per message.  Each with the time it was kept; see ``_keep_fresh``.
+        self._fresh: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._fresh_size = 0
         self._fresh_budget = fresh_budget
+        self._fresh_age = fresh_age
         self._checkpoint_size = 0
         self._checkpointing = False
         self._compacting = False
@@ -821,19 +823,36 @@ class Spool:
         return sum(1 for e in self._index.values() if e.visible)
 
     def _keep_fresh(self, queue_id: str, body: bytes) -> None:
-        if len(body) > self._fresh_budget:
-            return
-        self._fresh[queue_id] = body
-        self._fresh_size += len(body)
-        while self._fresh_size > self._fresh_budget:
-            _, old = self._fresh.popitem(last=False)
+        """
+        Keep ``body`` for its first read if it fits in the budget.  The queue
+        reads in commit order, so under a backlog the oldest bodies kept are
+        the next ones read: dropping them to make room would send every read
+        to the disk (at 20 KB a message, 1.5 s of backlog did).  So a new body
+        that does not fit is read from the segment later, and only bodies kept
+        longer than ``fresh_age`` (held, or waiting for a slow destination)
+        are dropped to make room.
+        """
+        size = len(body)
+        now = self._clock.seconds()
+        fresh = self._fresh
+        while self._fresh_size + size > self._fresh_budget:
+            if not fresh:
+                return
+            oldest = next(iter(fresh))
+            kept, old = fresh[oldest]
+            if now - kept < self._fresh_age:
+                return
+            del fresh[oldest]
             self._fresh_size -= len(old)
+        fresh[queue_id] = (now, body)
+        self._fresh_size += size
 
     def _forget_fresh(self, queue_id: str) -> bytes | None:
-        body = self._fresh.pop(queue_id, None)
-        if body is not None:
-            self._fresh_size -= len(body)
-        return body
+        kept = self._fresh.pop(queue_id, None)
+        if kept is None:
+            return None
+        self._fresh_size -= len(kept[1])
+        return kept[1]
 
     def read_message(self, queue_id: str) -> Deferred[bytes]:
         """
