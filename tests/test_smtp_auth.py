@@ -13,7 +13,7 @@ from typing import Any, cast
 
 from argon2 import PasswordHasher
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger
@@ -255,7 +255,7 @@ class CredentialFormTests(AuthTestMixin, SynchronousTestCase):
         self.pool.hold = True
         authenticator = self.make(max_pending_verifications=1)
         first = authenticator.authenticate("192.0.2.1", "PLAIN", "shop", "correct horse")
-        second = authenticator.authenticate("192.0.2.2", "PLAIN", "shop", "correct horse")
+        second = authenticator.authenticate("192.0.2.2", "PLAIN", "shop\\billing", "child pw")
         self.assertEqual(self.failureResultOf(second, SMTPReplyError).value.reply.code, 454)
         self.pool.run_held()
         self.successResultOf(first)
@@ -358,6 +358,51 @@ class LoginCacheTests(AuthTestMixin, SynchronousTestCase):
         for _ in range(5):
             self.assertEqual(self.ok(authenticator, "shop", "correct horse", ip="198.51.100.1"), first)
         self.assertEqual((self.store.calls, self.pool.jobs), (calls, jobs))
+
+    def test_simultaneous_logins_share_one_check(self) -> None:
+        """
+        Identical logins that arrive while the first is checked wait for its
+        answer: one store read, one argon2 check (an application opening 50
+        connections at once used to cost 50).  Other credentials get their own.
+        """
+        self.pool.hold = True
+        authenticator = self.make()
+        same = [authenticator.authenticate(f"192.0.2.{i}", "PLAIN", "shop", "correct horse") for i in range(1, 4)]
+        other = authenticator.authenticate(IP, "PLAIN", "shop\\billing", "child pw")
+        self.assertEqual(len(self.pool.held), 2)
+        for d in [*same, other]:
+            self.assertNoResult(d)
+        self.pool.run_held()
+        principals = [self.successResultOf(d) for d in same]
+        self.assertEqual({p.account_id for p in principals}, {1})
+        self.assertEqual(self.successResultOf(other).account_id, 2)
+        self.assertEqual((self.pool.jobs, len(authenticator.cache)), (2, 2))
+        self.ok(authenticator, "shop", "correct horse")  # and later ones hit the cache
+        self.assertEqual(self.pool.jobs, 2)
+
+    def test_simultaneous_wrong_logins_each_fail(self) -> None:
+        """A shared check that fails refuses every login waiting on it, and each client's failure counts."""
+        self.pool.hold = True
+        authenticator = self.make()
+        ds = [authenticator.authenticate(f"192.0.2.{i}", "PLAIN", "shop", "wrong") for i in (1, 2)]
+        self.assertEqual(len(self.pool.held), 1)
+        self.pool.run_held()
+        for d in ds:
+            self.failureResultOf(d, UnauthorizedLogin)
+        self.assertEqual([authenticator.throttle.failures(f"192.0.2.{i}") for i in (1, 2)], [1, 1])
+        self.assertEqual(len(authenticator.cache), 0)
+
+    def test_abandoned_login_leaves_the_shared_check(self) -> None:
+        """A session that goes away during the shared check (its login cancelled) leaves the others alone."""
+        self.pool.hold = True
+        authenticator = self.make()
+        first = authenticator.authenticate("192.0.2.1", "PLAIN", "shop", "correct horse")
+        second = authenticator.authenticate("192.0.2.2", "PLAIN", "shop", "correct horse")
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.pool.run_held()
+        self.assertEqual(self.successResultOf(second).account_id, 1)
+        self.assertEqual(self.pool.jobs, 1)
 
     def test_other_password_not_a_hit(self) -> None:
         """A cached login does not make another password for the same name succeed."""

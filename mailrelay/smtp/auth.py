@@ -5,7 +5,8 @@ A ``twisted.cred`` ``Portal`` holds one checker per credential form and a
 realm whose avatar is a ``mailrelay.types.Principal``.  ``Authenticator`` sits
 in front of the portal and adds what SMTP needs on top of it: choosing the form
 from the user name, a short login cache (so a client that reconnects for every
-message does not pay argon2 every time) and a per-client failure throttle.
+message does not pay argon2 every time), one check shared by identical logins
+that arrive together, and a per-client failure throttle.
 
 The forms, decided from the user name alone, in this order (``form_of``):
 
@@ -50,6 +51,7 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface, implementer
 
@@ -507,6 +509,8 @@ class Authenticator:
         self.verifier = PasswordVerifier(reactor, threadpool, max_pending_verifications)
         self.portal = make_portal(store, self.verifier)
         self.cache = LoginCache(clock, config.login_cache_seconds, cache_size)
+        # Logins being checked, by cache key, with the sessions waiting for the same answer.
+        self._checking: dict[bytes, list[Deferred[Principal]]] = {}
         self.throttle = FailureThrottle(
             clock,
             config.auth_failures_before_delay,
@@ -550,11 +554,8 @@ class Authenticator:
         if cached is not None:
             self.throttle.succeeded(client_ip)
             return cached
-        epoch = self.cache.epoch
         try:
-            if not username or not password:
-                raise UnauthorizedLogin()
-            _, avatar, _ = await self.portal.login(self._credentials(username, password), None, IPrincipal)
+            principal = await self._check_once(key, username, password)
         except UnauthorizedLogin:
             log.info(
                 "AUTH {mechanism} failed from {client_ip} for user {username!r}",
@@ -568,7 +569,43 @@ class Authenticator:
             raise UnauthorizedLogin() from None
         # Parallel connections may have got the client blocked meanwhile.
         self.throttle.check(client_ip)
-        principal = cast(Principal, avatar)
         self.throttle.succeeded(client_ip)
-        self.cache.put(key, principal, epoch)
         return principal
+
+    def _check_once(self, key: bytes, username: str, password: str) -> Deferred[Principal]:
+        """
+        The store's (and argon2's) answer for these credentials.  Logins with
+        the same name and password that arrive while one is being checked
+        wait for that answer instead of starting their own: an application
+        that opens 50 connections at once costs one argon2 check, not 50
+        (about 25 ms of CPU each).  Each caller gets its own Deferred, so one
+        that gives up (a dropped connection) does not touch the others.
+        """
+        mine: Deferred[Principal] = Deferred()
+        waiting = self._checking.get(key)
+        if waiting is not None:
+            waiting.append(mine)
+            return mine
+        waiting = self._checking[key] = [mine]
+        epoch = self.cache.epoch
+
+        def answered(result: Principal | Failure) -> None:
+            del self._checking[key]
+            if not isinstance(result, Failure):
+                self.cache.put(key, result, epoch)
+            for waiter in waiting:
+                if waiter.called:  # cancelled by its session
+                    continue
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+
+        Deferred.fromCoroutine(self._check(username, password)).addBoth(answered)
+        return mine
+
+    async def _check(self, username: str, password: str) -> Principal:
+        if not username or not password:
+            raise UnauthorizedLogin()
+        _, avatar, _ = await self.portal.login(self._credentials(username, password), None, IPrincipal)
+        return cast(Principal, avatar)
