@@ -380,6 +380,18 @@ class LoginCacheTests(AuthTestMixin, SynchronousTestCase):
         self.ok(authenticator, "shop", "correct horse")  # and later ones hit the cache
         self.assertEqual(self.pool.jobs, 2)
 
+    def test_login_after_a_change_gets_its_own_check(self) -> None:
+        """A login that arrives after the cache was cleared (a revocation) does not join a check started before."""
+        self.pool.hold = True
+        authenticator = self.make()
+        first = authenticator.authenticate("192.0.2.1", "PLAIN", "shop", "correct horse")
+        authenticator.cache.clear()
+        second = authenticator.authenticate("192.0.2.2", "PLAIN", "shop", "correct horse")
+        self.assertEqual(len(self.pool.held), 2)
+        self.pool.run_held()
+        self.successResultOf(first)
+        self.successResultOf(second)
+
     def test_simultaneous_wrong_logins_each_fail(self) -> None:
         """A shared check that fails refuses every login waiting on it, and each client's failure counts."""
         self.pool.hold = True

@@ -509,8 +509,8 @@ class Authenticator:
         self.verifier = PasswordVerifier(reactor, threadpool, max_pending_verifications)
         self.portal = make_portal(store, self.verifier)
         self.cache = LoginCache(clock, config.login_cache_seconds, cache_size)
-        # Logins being checked, by cache key, with the sessions waiting for the same answer.
-        self._checking: dict[bytes, list[Deferred[Principal]]] = {}
+        # Logins being checked, by cache epoch and key, with the sessions waiting for the same answer.
+        self._checking: dict[tuple[int, bytes], list[Deferred[Principal]]] = {}
         self.throttle = FailureThrottle(
             clock,
             config.auth_failures_before_delay,
@@ -582,15 +582,18 @@ class Authenticator:
         that gives up (a dropped connection) does not touch the others.
         """
         mine: Deferred[Principal] = Deferred()
-        waiting = self._checking.get(key)
+        epoch = self.cache.epoch
+        # A login after a revocation or password change (the cache's epoch
+        # moved) does not join a check that started before it.
+        checking = (epoch, key)
+        waiting = self._checking.get(checking)
         if waiting is not None:
             waiting.append(mine)
             return mine
-        waiting = self._checking[key] = [mine]
-        epoch = self.cache.epoch
+        waiting = self._checking[checking] = [mine]
 
         def answered(result: Principal | Failure) -> None:
-            del self._checking[key]
+            del self._checking[checking]
             if not isinstance(result, Failure):
                 self.cache.put(key, result, epoch)
             for waiter in waiting:
