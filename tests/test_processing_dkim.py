@@ -25,6 +25,7 @@ from mailrelay.processing.dkim import (
     generate_rsa_key,
     public_key_pem,
     relaxed_body,
+    sending_domain_records,
 )
 
 RSA_KEY = generate_rsa_key()
@@ -382,6 +383,18 @@ class DNSRecordTests(SynchronousTestCase):
         )
         self.assertEqual(records[1:], (records[1],))
         self.assertEqual((records[1].type, records[1].value), ("CNAME", "rp.relay.example.net."))
+
+    def test_sending_domain_return_path_is_marked_for_later(self) -> None:
+        """
+        The rp.<domain> CNAME shown for a sending domain says it is optional
+        and not used yet: return paths are on the bounce domain (docs/feedback.md).
+        """
+        records = sending_domain_records("shop.example", "s", RSA_KEY.decode("ascii"), None, "bounces.relay.example")
+        self.assertEqual([r.type for r in records], ["TXT", "CNAME"])
+        cname = records[1]
+        self.assertEqual((cname.name, cname.value), ("rp.shop.example", "bounces.relay.example."))
+        self.assertIn("optional", cname.purpose)
+        self.assertIn("bounce domain today", cname.purpose)
 
     def test_needs_a_target(self) -> None:
         """Neither relay host nor CNAME target is an error."""

@@ -389,12 +389,21 @@ def sending_domain_records(
     """
     What a customer publishes for one sending domain: its DKIM key(s), and
     a return-path CNAME ``rp.<domain>`` to the relay's bounce domain (so
-    SPF can align).  The admin command and the API both show these.
+    SPF can align once return paths use it; they do not yet, and its
+    purpose says so).  The admin command and the API both show these.
     """
     ed = ed25519_key_pem.encode("ascii") if ed25519_key_pem else None
-    return dns_records(domain, selector, private_key_pem.encode("ascii"),
-                       bounce_domain=f"{RETURN_PATH_LABEL}.{domain}", return_path_target=bounce_domain,
-                       ed25519_public_key=ed)
+    records = dns_records(domain, selector, private_key_pem.encode("ascii"),
+                          bounce_domain=f"{RETURN_PATH_LABEL}.{domain}", return_path_target=bounce_domain,
+                          ed25519_public_key=ed)
+    return tuple(
+        attrs.evolve(r, purpose=_RETURN_PATH_LATER) if r.type == "CNAME" else r for r in records
+    )
+
+
+_RETURN_PATH_LATER = (
+    "optional, for a custom return path later: the relay's return paths use its bounce domain today"
+)
 
 
 def is_dkim_record(record: DNSRecord) -> bool:
