@@ -344,6 +344,7 @@ def dns_records(
     *,
     relay_host: str | None = None,
     return_path_target: str | None = None,
+    return_path_purpose: str = "return path: bounces come back to the relay; SPF and MX follow the CNAME",
     spf: str | None = None,
     ed25519_public_key: bytes | None = None,
     ed25519_selector: str | None = None,
@@ -366,7 +367,7 @@ def dns_records(
                 bounce_domain,
                 "CNAME",
                 return_path_target.rstrip(".") + ".",
-                "return path: bounces come back to the relay; SPF and MX follow the CNAME",
+                return_path_purpose,
             )
         )
     elif relay_host is not None:
@@ -393,17 +394,11 @@ def sending_domain_records(
     purpose says so).  The admin command and the API both show these.
     """
     ed = ed25519_key_pem.encode("ascii") if ed25519_key_pem else None
-    records = dns_records(domain, selector, private_key_pem.encode("ascii"),
-                          bounce_domain=f"{RETURN_PATH_LABEL}.{domain}", return_path_target=bounce_domain,
-                          ed25519_public_key=ed)
-    return tuple(
-        attrs.evolve(r, purpose=_RETURN_PATH_LATER) if r.type == "CNAME" else r for r in records
-    )
-
-
-_RETURN_PATH_LATER = (
-    "optional, for a custom return path later: the relay's return paths use its bounce domain today"
-)
+    return dns_records(domain, selector, private_key_pem.encode("ascii"),
+                       bounce_domain=f"{RETURN_PATH_LABEL}.{domain}", return_path_target=bounce_domain,
+                       return_path_purpose="optional, for a custom return path later: the relay's return paths"
+                       " use its bounce domain today",
+                       ed25519_public_key=ed)
 
 
 def is_dkim_record(record: DNSRecord) -> bool:
