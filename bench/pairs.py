@@ -5,6 +5,9 @@ Postfix's n-th, which ran next to it, and the median of those ratios.  With ``MR
 runs are case s0 (received, not delivered: a bound, not equal work) and have no end-to-end rate.
 
     bench/pairs.py bench/results/raw-YYYYMMDD-HHMMSS.jsonl
+    bench/pairs.py RUN1.jsonl RUN2.jsonl ...   # the pairs of several runs pooled, one median over all
+
+Pairs are made within each file (a run's n-th mailrelay run with its n-th Postfix run), never across files.
 
 Postfix's accepted rate swings by up to 2x between neighbouring runs while mailrelay's stays within a few
 percent, so a ratio per pair, then the median, says more than the ratio of the two medians.
@@ -17,17 +20,22 @@ import statistics
 import sys
 
 
-def main(path: str) -> None:
-    with open(path) as f:
-        rows = [json.loads(line) for line in f]
-    mine = [r for r in rows if r["anchor"] == "mailrelay" and r["case"] in ("b0", "s0")]
-    sizes = sorted({int(r["size"]) for r in mine})
+def _pairs(rows: list[dict], size: int) -> list[tuple[dict, dict]]:
+    mr = [r for r in rows if r["anchor"] == "mailrelay" and r["case"] in ("b0", "s0") and int(r["size"]) == size]
+    pf = [r for r in rows if (r["anchor"], r["case"], int(r["size"])) == ("postfix", "b", size)]
+    return list(zip(mr, pf, strict=False))
+
+
+def main(paths: list[str]) -> None:
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append([json.loads(line) for line in f])
+    sizes = sorted({int(r["size"]) for rows in runs for r in rows if r["anchor"] == "mailrelay"})
     print("| size | accepted ratio per pair | median | e2e ratio per pair | median | Postfix b msg/s per run |")
     print("|---|---|---|---|---|---|")
     for size in sizes:
-        mr = [r for r in mine if int(r["size"]) == size]
-        pf = [r for r in rows if (r["anchor"], r["case"], int(r["size"])) == ("postfix", "b", size)]
-        pairs = list(zip(mr, pf, strict=False))
+        pairs = [pair for rows in runs for pair in _pairs(rows, size)]
         if not pairs:
             continue
         acc = [m["msgs_per_s"] / p["msgs_per_s"] for m, p in pairs]
@@ -44,4 +52,6 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) < 2:
+        sys.exit("usage: bench/pairs.py RAW.jsonl [RAW.jsonl ...]")
+    main(sys.argv[1:])
