@@ -132,11 +132,22 @@ anchor_postfix_b() {
 # MR_SANDBOX=1 is a diagnostic bound, not a comparison of equal work: mailrelay's messages come From the
 # sandbox domain, so it receives, checks, spools and records them but delivers none (case s0). It shows what
 # mailrelay would accept if delivering cost nothing.
+#
+# PAIR_PIN=1 (with MR_PROCS=1 on a 2-core machine) gives the servers the last core and the load generator and
+# the sink the others, so neither server shares its core with the load: the comparison of a machine where the
+# load generator has cores of its own.
 anchor_pair_b0() {
   log "== paired runs: mailrelay b0 ($MR_PROCS processes) and Postfix b, alternating"
   postfix_up
   MR_DKIM=off mailrelay_start || return 1
   local mr=("${MR_PIDS[@]}") pf=("$POSTFIX_PID" "$DOVECOT_PID" "$OPENDKIM_PID") size i runs=$RUNS
+  if [[ ${PAIR_PIN:-} == 1 ]]; then
+    local last=$(($(nproc) - 1))
+    pin_tree "$last" "${mr[@]}" "${pf[@]}"
+    [[ -n ${SINK_PID:-} ]] && pin_tree "0-$((last - 1))" "$SINK_PID"
+    taskset -p -c "0-$((last - 1))" $$ > /dev/null  # this runner, so every load generator it starts from now on
+    log "pinned: servers on CPU $last, load generator and sink on CPU 0-$((last - 1))"
+  fi
   local mrcase=b0 mrargs=() mrsink=${SINK_PID:-}
   if [[ ${MR_SANDBOX:-} == 1 ]]; then
     mrcase=s0 mrargs=(--mail-from bench@sandbox.mailrelay.test) mrsink=
@@ -164,6 +175,17 @@ anchor_pair_b0() {
   mailrelay_stop
   postfix_stop
   stop_sink
+}
+
+# pin_tree CPUS PID...: each process, every thread of it and every process under it, on CPUS (what they
+# start later inherits it).
+pin_tree() {
+  local cpus=$1 pid child
+  shift
+  for pid in "$@"; do
+    taskset -a -p -c "$cpus" "$pid" > /dev/null
+    for child in $(pgrep -P "$pid"); do pin_tree "$cpus" "$child"; done
+  done
 }
 
 anchor_haraka_bc() {
