@@ -141,8 +141,9 @@ anchor_pair_b0() {
   postfix_up
   MR_DKIM=off mailrelay_start || return 1
   local mr=("${MR_PIDS[@]}") pf=("$POSTFIX_PID" "$DOVECOT_PID" "$OPENDKIM_PID") size i runs=$RUNS
+  local last=$(($(nproc) - 1))
   if [[ ${PAIR_PIN:-} == 1 ]]; then
-    local last=$(($(nproc) - 1))
+    (( last >= 1 )) || { log "PAIR_PIN=1 needs at least two cores"; return 1; }
     pin_tree "$last" "${mr[@]}" "${pf[@]}"
     [[ -n ${SINK_PID:-} ]] && pin_tree "0-$((last - 1))" "$SINK_PID"
     taskset -p -c "0-$((last - 1))" $$ > /dev/null  # this runner, so every load generator it starts from now on
@@ -175,6 +176,8 @@ anchor_pair_b0() {
   mailrelay_stop
   postfix_stop
   stop_sink
+  [[ ${PAIR_PIN:-} == 1 ]] && taskset -p -c "0-$last" $$ > /dev/null  # the anchors after this one run unpinned
+  return 0
 }
 
 # pin_tree CPUS PID...: each process, every thread of it and every process under it, on CPUS (what they

@@ -20,8 +20,12 @@ import statistics
 import sys
 
 
+def _paired(row: dict) -> bool:
+    return row["anchor"] == "mailrelay" and row["case"] in ("b0", "s0")
+
+
 def _pairs(rows: list[dict], size: int) -> list[tuple[dict, dict]]:
-    mr = [r for r in rows if r["anchor"] == "mailrelay" and r["case"] in ("b0", "s0") and int(r["size"]) == size]
+    mr = [r for r in rows if _paired(r) and int(r["size"]) == size]
     pf = [r for r in rows if (r["anchor"], r["case"], int(r["size"])) == ("postfix", "b", size)]
     return list(zip(mr, pf, strict=False))
 
@@ -31,7 +35,7 @@ def main(paths: list[str]) -> None:
     for path in paths:
         with open(path) as f:
             runs.append([json.loads(line) for line in f])
-    sizes = sorted({int(r["size"]) for rows in runs for r in rows if r["anchor"] == "mailrelay"})
+    sizes = sorted({int(r["size"]) for rows in runs for r in rows if _paired(r)})
     print("| size | accepted ratio per pair | median | e2e ratio per pair | median | Postfix b msg/s per run |")
     print("|---|---|---|---|---|---|")
     for size in sizes:
