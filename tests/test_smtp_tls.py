@@ -34,8 +34,9 @@ from mailrelay.smtp.tls import (
     implicit_tls_factory,
     server_context_factory,
 )
-from mailrelay.smtp.tlslayer import write_through
+from mailrelay.smtp.tlslayer import DirectTLSProtocol, write_through
 from tests.support.smtp_fakes import FakeDelegate, LineClient, connect_pair
+from tests.test_tlslayer import CountingConnection
 
 HOST = "mx.example.com"
 ROOT = trustme.CA()
@@ -375,6 +376,21 @@ class StartTLSTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), timers)
         self.assertEqual(self.say(b"NOOP"), [str(replies.OK), str(replies.OK)])
 
+    def test_reads_without_exceptions(self) -> None:
+        """After STARTTLS the layer reads as ``tlslayer.receive`` does: no WantReadError per command."""
+        self.client.take()
+        self.say(b"EHLO client.example.org")
+        self.say(b"STARTTLS")
+        self.client.transport.startTLS(client_options())  # type: ignore[union-attr]
+        self.pump.flush()
+        self.say(b"EHLO client.example.org")  # the handshake is over
+        layer = self.server.transport.protocol
+        counter = CountingConnection(layer._tlsConnection)
+        layer._tlsConnection = counter
+        self.assertEqual(self.say(b"NOOP"), [str(replies.OK)])
+        self.assertEqual(self.say(b"RSET"), [str(replies.RESET_OK)])
+        self.assertEqual(counter.want_read, 0)
+
     def test_write_through_other_transports(self) -> None:
         """A transport without Twisted's batching TLS layer is left as it is."""
         transport = StringTransport()
@@ -421,5 +437,5 @@ class ImplicitTLSTests(SynchronousTestCase):
         session = delegate.calls[-1][1]
         self.assertEqual((session.tls, session.tls_version), (True, "TLSv1.3"))
         # Each reply goes out when written: the TLS layer without Twisted's batching.
-        self.assertIs(type(server), TLSMemoryBIOProtocol)
+        self.assertIs(type(server), DirectTLSProtocol)
         self.assertEqual(session.client_ip, "198.51.100.9")
