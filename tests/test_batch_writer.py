@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailrelay.events.writer import BatchWriter
@@ -28,6 +28,22 @@ class BatchWriterTestsMixin:
         await deferLater(reactor, 0.2, lambda: None)  # the timer writes it without a flush
         rows = await store.pool.execute("t", "SELECT COUNT(*) FROM daily_counts")
         self.assertEqual(int(rows[0][0]), 26)  # type: ignore[attr-defined]
+        await writer.stop()
+
+    async def test_busy_writer_leaves_a_partial_batch_for_the_interval(self) -> None:
+        """Full batches go one after another; the part of a batch left after them waits for the interval."""
+        store = await fresh_store(self, self.engine)  # type: ignore[arg-type]
+        clock = Clock()
+        writer = BatchWriter(store.pool, clock, "daily_counts", ("account_id", "day", "dimension", "metric", "value"),
+                             interval=5.0, max_rows=10)
+        for i in range(22):  # the first ten start a write at once; the rest arrive while it runs
+            writer.add((1, "2026-11-22", f"d{i}", "m", i))
+        await writer._running
+        self.assertEqual(writer.written, 20)  # type: ignore[attr-defined]
+        self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], [5.0])  # type: ignore[attr-defined]
+        clock.advance(5)
+        await writer._running
+        self.assertEqual(writer.written, 22)  # type: ignore[attr-defined]
         await writer.stop()
 
     async def test_failed_batch_kept(self) -> None:

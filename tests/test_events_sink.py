@@ -231,6 +231,27 @@ class EventSinkTestsMixin(_Base):
         self.assertEqual([e.recipient for e in self.received], ["a@x.test", "a@x.test", "b@x.test"])
         self.assertEqual(sink.written, 3)
 
+    async def test_busy_sink_leaves_a_partial_batch_for_the_interval(self) -> None:
+        """
+        Full batches go one after another; less than a full batch left after
+        them waits for the interval, not for the last write to finish (a few
+        large transactions a second, not one per write).
+        """
+        await self.setup_store()
+        sink = await self.make_sink(max_rows=10, interval=5.0)
+        for n in range(10):
+            sink.emit(ev(EventType.QUEUED, self.parent.id, n))
+        self.clock.advance(0)  # the full batch starts at once
+        for n in range(12):  # arrive while it is written
+            sink.emit(ev(EventType.DELIVERED, self.parent.id, n))
+        await sink._wait_idle()
+        self.assertEqual((sink.written, sink.queued), (20, 2))
+        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [5.0])
+        self.clock.advance(5)
+        await sink._wait_idle()
+        self.assertEqual((sink.written, sink.queued), (22, 0))
+        self.assertEqual(await count(self.store, "SELECT COUNT(*) FROM events"), 22)
+
     async def test_rollups(self) -> None:
         """Counts land per account, sub-account (also under the parent), campaign, tag and day."""
         await self.setup_store()

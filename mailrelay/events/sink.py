@@ -247,7 +247,7 @@ class EventSink:
     async def flush(self) -> None:
         """Store or buffer everything emitted so far (and replay, if a retry is due)."""
         await self._wait_idle()
-        self._start_worker()
+        self._start_worker(everything=True)
         await self._wait_idle()
 
     async def stop(self) -> None:
@@ -276,23 +276,23 @@ class EventSink:
             self._timer.cancel()
         self._timer = self._clock.callLater(delay, self._start_worker)
 
-    def _start_worker(self) -> None:
+    def _start_worker(self, everything: bool = False) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         if self._worker is not None:
             return
-        d = Deferred.fromCoroutine(self._work())
+        d = Deferred.fromCoroutine(self._work(everything))
         self._worker = d
         d.addErrback(lambda f: log.failure("event sink worker failed", f))
         d.addBoth(self._worker_done)
 
     def _worker_done(self, _: object) -> None:
         self._worker = None
+        self._rearm()  # first: a waiter sees the next run already planned
         waiters, self._idle = self._idle, []
         for d in waiters:
             d.callback(None)
-        self._rearm()
 
     def _rearm(self) -> None:
         if not self._started or self._closing:
@@ -317,7 +317,13 @@ class EventSink:
         del self._queue[: len(batch)]
         return batch
 
-    async def _work(self) -> None:
+    async def _work(self, everything: bool = False) -> None:
+        """
+        Store (or buffer) what is queued.  Unless ``everything``, stop once
+        less than a full batch is left: the rest waits for the interval, so a
+        busy relay makes a few large transactions a second rather than one
+        per write's duration (each costs every index's last pages again).
+        """
         if not self._started:
             return
         while True:
@@ -332,6 +338,8 @@ class EventSink:
             if not self._queue:
                 return
             if not await self._write(self._take()):
+                return
+            if not everything and len(self._queue) < self._max_rows:
                 return
 
     async def _write(self, batch: list[Event]) -> bool:

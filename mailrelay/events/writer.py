@@ -73,8 +73,13 @@ class BatchWriter:
         if self._rows and self._timer is None and not self._stopped:
             self._timer = self._clock.callLater(self._interval, self._start_flush)
 
-    async def _flush_all(self) -> bool:
-        """Write what waits, batch by batch; False when the database refused one (kept for later)."""
+    async def _flush_all(self, everything: bool = False) -> bool:
+        """
+        Write what waits, batch by batch; False when the database refused one
+        (kept for later).  Unless ``everything``, stop once less than a full
+        batch is left: the rest waits for the interval, so a busy relay makes
+        a few large transactions a second, not one per write's duration.
+        """
         while self._rows:
             batch, self._rows = self._rows[: self._max_rows], self._rows[self._max_rows :]
             try:
@@ -84,6 +89,8 @@ class BatchWriter:
                 self._rows[:0] = batch
                 return False
             self.written += len(batch)
+            if not everything and len(self._rows) < self._max_rows:
+                break
         return True
 
     async def _write(self, batch: list[tuple[Any, ...]]) -> None:
@@ -102,7 +109,7 @@ class BatchWriter:
         if self._running is not None:
             await self._running
         if self._rows:
-            await self._flush_all()
+            await self._flush_all(everything=True)
 
     async def stop(self) -> None:
         self._stopped = True
