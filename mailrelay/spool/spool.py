@@ -342,7 +342,7 @@ class Spool:
         compact_ratio: float = 0.5,
         compact_after: float = 300.0,
         compact_interval: float = 60.0,
-        fresh_budget: int = 16 * 1024 * 1024,
+        fresh_budget: int = 64 * 1024 * 1024,
         fresh_age: float = 30.0,
         fsync: Callable[[int], None] = os.fsync,
         randbytes: Callable[[int], bytes] = os.urandom,
