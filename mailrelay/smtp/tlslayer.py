@@ -15,7 +15,7 @@ to OpenSSL, Twisted calls ``recv`` until it raises ``WantReadError``, then
 ``bio_read`` for anything OpenSSL wants to send, which raises the same when
 there is nothing: two exceptions (with their tracebacks, through pyOpenSSL)
 for every chunk a client sends, about 8 per relayed message.  Here the layer
-asks OpenSSL's memory buffers how many bytes they hold (a fifth of the cost
+asks OpenSSL's memory buffers how many bytes they hold (a tenth of the cost
 of one exception) and stops when both are empty.  That reads two private
 attributes of pyOpenSSL's ``Connection``; a pyOpenSSL without them gets
 Twisted's own loop, as does everything but the common case (the handshake,
