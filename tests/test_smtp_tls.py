@@ -36,7 +36,7 @@ from mailrelay.smtp.tls import (
 )
 from mailrelay.smtp.tlslayer import DirectTLSProtocol, write_through
 from tests.support.smtp_fakes import FakeDelegate, LineClient, connect_pair
-from tests.test_tlslayer import CountingConnection
+from tests.support.tls_counting import CountingConnection
 
 HOST = "mx.example.com"
 ROOT = trustme.CA()

@@ -5,8 +5,6 @@ StringTransport, a pyOpenSSL client in memory, records fed in chosen pieces.
 
 from __future__ import annotations
 
-from typing import Any
-
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
@@ -18,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailrelay.smtp import tlslayer
 from mailrelay.smtp.tlslayer import DirectTLSFactory, DirectTLSProtocol
 from tests.support.sink import make_tls
+from tests.support.tls_counting import CountingConnection
 
 TLS = make_tls("relay.test")
 
@@ -35,30 +34,6 @@ class Collector(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.lost = reason
-
-
-class CountingConnection:
-    """Wraps the server's ``SSL.Connection``: counts the ``WantReadError``s its reads raise."""
-
-    def __init__(self, conn: SSL.Connection) -> None:
-        self._conn = conn
-        self.want_read = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._conn, name)
-
-    def _counted(self, method: Any, size: int) -> bytes:
-        try:
-            return method(size)  # type: ignore[no-any-return]
-        except SSL.WantReadError:
-            self.want_read += 1
-            raise
-
-    def recv(self, size: int) -> bytes:
-        return self._counted(self._conn.recv, size)
-
-    def bio_read(self, size: int) -> bytes:
-        return self._counted(self._conn.bio_read, size)
 
 
 class TwistedTLSFactory(TLSMemoryBIOFactory):
@@ -88,8 +63,8 @@ class Pair:
             self.to_client()
             if self.layer._handshakeDone and self.client.get_protocol_version_name() == "TLSv1.3":
                 break
-        self.assertion_counter = CountingConnection(self.layer._tlsConnection)
-        self.layer._tlsConnection = self.assertion_counter
+        self.counter = CountingConnection(self.layer._tlsConnection)
+        self.layer._tlsConnection = self.counter
 
     def from_client(self) -> bytes:
         try:
@@ -132,7 +107,7 @@ class ReceiveTests(SynchronousTestCase):
                 pair.to_server(pair.send(b"MAIL FROM:<a%d@example.com>\r\n" % n))
                 self.assertEqual(pair.to_client(), b"got 28\r\n")
             self.assertEqual(len(pair.app.received), 5)
-            self.assertEqual(pair.assertion_counter.want_read, expected, factory_class)
+            self.assertEqual(pair.counter.want_read, expected, factory_class)
 
     def test_record_in_pieces(self) -> None:
         """A record fed a few bytes at a time arrives once, whole, when its last byte does."""
@@ -177,4 +152,4 @@ class ReceiveTests(SynchronousTestCase):
         pair.to_server(pair.send(b"NOOP\r\n"))
         self.assertEqual(pair.app.received, [b"NOOP\r\n"])
         self.assertEqual(pair.to_client(), b"got 6\r\n")
-        self.assertEqual(pair.assertion_counter.want_read, 2)
+        self.assertEqual(pair.counter.want_read, 2)
