@@ -24,6 +24,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -63,6 +64,7 @@ from tests.support.sink import (
     refuse_pending,
     start_sink,
 )
+from tests.support.tls_counting import CountingConnection
 
 DELIVERED = DeliveryStatus.DELIVERED
 DEFERRED = DeliveryStatus.DEFERRED
@@ -1346,6 +1348,26 @@ class SinkSocketTests(TestCase):
         self.assertEqual([first[0].status, second[0].status], [DELIVERED, DELIVERED])
         self.assertTrue(first[0].tls)
         self.assertEqual([m.connection for m in self.sink.messages], [1, 1])
+
+    async def test_tls_reads_without_exceptions(self) -> None:
+        """
+        After STARTTLS the client's TLS layer reads as ``tlslayer.receive``
+        does: a whole message's replies raise no ``WantReadError``.
+        """
+        assert self.sink.port is not None
+        client = DeliveryClient(self.reactor, ClientConfig("relay.test", tls=TLSPolicy("may")))
+        self.addCleanup(client.close)
+        dest = Destination("example.com", (MXHost("localhost", 0, ("127.0.0.1",), self.sink.port),))
+        first = await client.deliver(dest, message("a@example.com"))
+        ((_, pooled),) = client.pool._idle.items()  # type: ignore[attr-defined]
+        layer = pooled[0].transport.protocol
+        self.assertIsInstance(layer, TLSMemoryBIOProtocol)
+        counter = CountingConnection(layer._tlsConnection)
+        layer._tlsConnection = counter
+        second = await client.deliver(dest, message("b@example.com", "c@example.com"))
+        self.assertEqual([r.status for r in first + second], [DELIVERED] * 3)
+        self.assertEqual([m.connection for m in self.sink.messages], [1, 1])
+        self.assertEqual(counter.want_read, 0)
 
     async def test_smarthost_by_name(self) -> None:
         """A smarthost given by name is resolved when connecting; its connection is eager and reused."""

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailrelay.eagertcp import EagerClient, EagerServer, EagerTCPClientEndpoint, eager_hostname_endpoint, eager_port
-from mailrelay.smtp.tlslayer import write_through
+from mailrelay.tlslayer import write_through
 from tests.support.sink import make_tls
 
 

@@ -34,7 +34,7 @@ from mailrelay.smtp.tls import (
     implicit_tls_factory,
     server_context_factory,
 )
-from mailrelay.smtp.tlslayer import DirectTLSProtocol, write_through
+from mailrelay.tlslayer import DirectTLSProtocol, write_through
 from tests.support.smtp_fakes import FakeDelegate, LineClient, connect_pair
 from tests.support.tls_counting import CountingConnection
 

@@ -1,5 +1,5 @@
 """
-Tests for mailrelay.smtp.tlslayer's reading: a server TLS layer on a
+Tests for mailrelay.tlslayer's reading: a server TLS layer on a
 StringTransport, a pyOpenSSL client in memory, records fed in chosen pieces.
 """
 
@@ -13,8 +13,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailrelay.smtp import tlslayer
-from mailrelay.smtp.tlslayer import DirectTLSFactory, DirectTLSProtocol
+from mailrelay import tlslayer
+from mailrelay.tlslayer import DirectTLSFactory, DirectTLSProtocol
 from tests.support.sink import make_tls
 from tests.support.tls_counting import CountingConnection
 

@@ -53,6 +53,7 @@ from mailrelay.delivery.model import (
     TLSPolicy,
 )
 from mailrelay.eagertcp import EagerTCPClientEndpoint, eager_hostname_endpoint
+from mailrelay.tlslayer import write_through
 from mailrelay.types import Reply
 
 log = Logger()
@@ -614,6 +615,7 @@ class SMTPClientProtocol(Protocol):
             )
         self._discard_input()
         self.transport.startTLS(tls_creator(self.tls_policy, self.host.name))  # type: ignore[union-attr]
+        write_through(self.transport)  # each write is a whole group of commands or a body chunk already
         self.extensions = {}
         try:
             await self._ehlo()

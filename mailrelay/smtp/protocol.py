@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.smtp import replies
-from mailrelay.smtp.tlslayer import write_through
+from mailrelay.tlslayer import write_through
 from mailrelay.types import Envelope, MailParams, Principal, Reply, SessionInfo, SMTPReplyError
 
 log = Logger()

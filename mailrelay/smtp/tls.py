@@ -28,7 +28,7 @@ from twisted.internet.ssl import CertificateOptions, TLSVersion
 from zope.interface import implementer
 
 from mailrelay.smtp.protocol import SMTPServerFactory
-from mailrelay.smtp.tlslayer import DirectTLSFactory
+from mailrelay.tlslayer import DirectTLSFactory
 
 StrPath = str | os.PathLike[str]
 
@@ -155,7 +155,7 @@ def implicit_tls_factory(factory: SMTPServerFactory, context_factory: Any) -> Di
     Wrap ``factory`` so every connection is TLS from its first byte, for the
     ``submissions`` listener (give its ``SMTPServerFactory`` settings with
     ``implicit_tls=True`` and no STARTTLS context).  Each write is encrypted
-    at once (``mailrelay.smtp.tlslayer``): the server batches its replies.
+    at once (``mailrelay.tlslayer``): the server batches its replies.
     """
     return DirectTLSFactory(context_factory, False, factory, clock=factory.clock)
 

@@ -1,4 +1,4 @@
-"""A wrapper that counts the ``WantReadError``s a server's TLS connection raises (tests of the TLS layer)."""
+"""A wrapper that counts the ``WantReadError``s a TLS connection raises (tests of the TLS layer)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from OpenSSL import SSL
 
 
 class CountingConnection:
-    """Wraps the server's ``SSL.Connection``: counts the ``WantReadError``s its reads raise."""
+    """Wraps an ``SSL.Connection`` (server or client): counts the ``WantReadError``s its reads raise."""
 
     def __init__(self, conn: SSL.Connection) -> None:
         self._conn = conn

@@ -1,28 +1,32 @@
 """
-Twisted's TLS layer, made cheaper for the SMTP server in two ways.
+Twisted's TLS layer, made cheaper for the SMTP server and the delivery
+client in two ways.
 
 *No write batching.*  Since Twisted 22.8 the TLS layer
 (``BufferingTLSTransport``) holds every write for one reactor turn and
 encrypts what gathered then, which helps a protocol that makes many small
 writes.  The server already makes one write per chunk of input (all the
-replies that chunk produced), so holding it only costs a timer, a callback
-and a later loop turn for every reply: measured with callgrind, about 2.6% of
-the instructions per message (one process, STARTTLS, 1 KB messages).  Here
-each write is encrypted and handed to the socket at once.
+replies that chunk produced), and the delivery client one per group of
+pipelined commands or body chunk, so holding it only costs a timer, a
+callback and a later loop turn for every write: measured with callgrind on
+the server, about 2.6% of the instructions per message (one process,
+STARTTLS, 1 KB messages).  Here each write is encrypted and handed to the
+socket at once.
 
 *No exception to learn that nothing is left.*  After feeding received bytes
 to OpenSSL, Twisted calls ``recv`` until it raises ``WantReadError``, then
 ``bio_read`` for anything OpenSSL wants to send, which raises the same when
 there is nothing: two exceptions (with their tracebacks, through pyOpenSSL)
-for every chunk a client sends, about 8 per relayed message.  Here the layer
-asks OpenSSL's memory buffers how many bytes they hold (a tenth of the cost
-of one exception) and stops when both are empty.  That reads two private
+for every chunk the peer sends, about 8 per message the server receives.
+Here the layer asks OpenSSL's memory buffers how many bytes they hold (a
+tenth of the cost of one exception) and stops when both are empty.  That reads two private
 attributes of pyOpenSSL's ``Connection``; a pyOpenSSL without them gets
 Twisted's own loop, as does everything but the common case (the handshake,
 writes waiting for it, the end of the connection).
 
 The implicit-TLS listener builds its TLS factory itself and picks
-``DirectTLSProtocol``.  For STARTTLS, Twisted builds the layer inside
+``DirectTLSProtocol``.  For STARTTLS (the server's, and the delivery
+client's towards an MX host), Twisted builds the layer inside
 ``transport.startTLS``; ``write_through`` then changes that one connection
 the same way Twisted set it up (it assigned the batcher's ``write`` to the
 instance).  A Twisted without that attribute is left as it is: batching is a
@@ -83,7 +87,7 @@ def receive(layer: TLSMemoryBIOProtocol, data: bytes) -> None:
         except WantReadError:
             break  # part of a record: the rest is still on its way
         except ZeroReturnError:
-            # The client closed TLS (close_notify): answer it, then close.
+            # The peer closed TLS (close_notify): answer it, then close.
             layer._shutdownTLS()
             layer._tlsShutdownFinished(None)
         except Error:
