@@ -19,10 +19,10 @@ to OpenSSL, Twisted calls ``recv`` until it raises ``WantReadError``, then
 there is nothing: two exceptions (with their tracebacks, through pyOpenSSL)
 for every chunk the peer sends, about 8 per message the server receives.
 Here the layer asks OpenSSL's memory buffers how many bytes they hold (a
-tenth of the cost of one exception) and stops when both are empty.  That reads two private
-attributes of pyOpenSSL's ``Connection``; a pyOpenSSL without them gets
-Twisted's own loop, as does everything but the common case (the handshake,
-writes waiting for it, the end of the connection).
+tenth of the cost of one exception) and stops when both are empty.  That
+reads two private attributes of pyOpenSSL's ``Connection``; a pyOpenSSL
+without them gets Twisted's own loop, as does everything but the common
+case (the handshake, writes waiting for it, the end of the connection).
 
 The implicit-TLS listener builds its TLS factory itself and picks
 ``DirectTLSProtocol``.  For STARTTLS (the server's, and the delivery

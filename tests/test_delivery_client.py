@@ -38,6 +38,7 @@ from mailrelay.delivery.client import (
     SMTPClientProtocol,
     SMTPProtocolError,
     TransactionOutcome,
+    _Flow,
     _StaleConnection,
     encode_body,
     parse_ehlo,
@@ -1368,6 +1369,21 @@ class SinkSocketTests(TestCase):
         self.assertEqual([r.status for r in first + second], [DELIVERED] * 3)
         self.assertEqual([m.connection for m in self.sink.messages], [1, 1])
         self.assertEqual(counter.want_read, 0)
+
+    async def test_large_body_over_tls(self) -> None:
+        """A body of many chunks crosses real TLS intact, the kernel's buffers pushing back on the writes."""
+        assert self.sink.port is not None
+        client = DeliveryClient(self.reactor, ClientConfig("relay.test", tls=TLSPolicy("may")))
+        self.addCleanup(client.close)
+        dest = Destination("example.com", (MXHost("localhost", 0, ("127.0.0.1",), self.sink.port),))
+        body = b"Subject: big\r\n\r\n" + b"".join(b"%07d " % i + b"x" * 70 + b"\r\n" for i in range(60_000))
+        pauses: list[bool] = []
+        pause = _Flow.pauseProducing
+        self.patch(_Flow, "pauseProducing", lambda flow: (pauses.append(True), pause(flow)))
+        (result,) = await client.deliver(dest, message("a@example.com", body=body))
+        self.assertEqual((result.status, result.tls), (DELIVERED, True))
+        self.assertEqual(self.sink.messages[0].data, body)
+        self.assertTrue(pauses)
 
     async def test_smarthost_by_name(self) -> None:
         """A smarthost given by name is resolved when connecting; its connection is eager and reused."""
